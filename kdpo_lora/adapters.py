@@ -1,0 +1,165 @@
+"""LoRA adapter plumbing on top of peft: add, activate, freeze, save and load (safetensors only).
+
+Every edit batch is one named LoRA adapter on the same base model. The DPO reference is this same
+model with the adapter being trained switched off - `disable_adapter()` when nothing else is
+active, otherwise only the earlier adapters active - never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .config import EditConfig
+from .errors import IntegrityError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_config(config: EditConfig) -> LoraConfig:
+    """The peft LoRA config an edit batch is trained with."""
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.target_modules),
+        layers_to_transform=None if config.layers is None else list(config.layers),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapter(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel:
+    """Add a fresh adapter (B = 0, so the model's outputs are unchanged) and return the PeftModel."""
+    if isinstance(model, PeftModel):
+        if name in model.peft_config:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        model.add_adapter(name, config)
+        return model
+    return get_peft_model(model, config, adapter_name=name)
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    return list(model.peft_config) if isinstance(model, PeftModel) else []
+
+
+def set_active(model: torch.nn.Module, names: Sequence[str], trainable: str | None = None) -> None:
+    """Activate exactly `names` (in order); only `trainable` (if given) gets gradients."""
+    if not isinstance(model, PeftModel):
+        if names:
+            raise ValueError("no adapters are loaded")
+        return
+    if names:
+        _activate(model, names)
+    freeze_all_but(model, trainable)
+
+
+def _activate(model: PeftModel, names: Sequence[str]) -> None:
+    model.base_model.set_adapter(list(names))
+    model.active_adapter = names[-1]  # PeftModel looks its config up by this one name
+
+
+def freeze_all_but(model: torch.nn.Module, trainable: str | None) -> None:
+    """requires_grad only on the LoRA weights of adapter `trainable`; everything else frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable is not None and "lora_" in name and f".{trainable}." in name)
+
+
+@contextmanager
+def only_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Run with exactly `names` active (none: adapters disabled), then restore what was active."""
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    if not names:
+        with model.disable_adapter():
+            yield
+        return
+    before = list(model.base_model.active_adapters)
+    grads = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    _activate(model, names)
+    try:
+        yield
+    finally:
+        _activate(model, before)
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
+
+
+def delete_adapter(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Remove adapter `name`; returns the model (unwrapped from peft when no adapter is left)."""
+    if not isinstance(model, PeftModel) or name not in model.peft_config:
+        return model
+    if len(model.peft_config) == 1:
+        return model.unload()
+    remaining = [n for n in model.base_model.active_adapters if n != name]
+    model.delete_adapter(name)
+    if remaining:
+        _activate(model, remaining)
+    freeze_all_but(model, None)
+    return model
+
+
+def save_adapter(model: PeftModel, name: str, folder: Path, base_model_name: str | None = None) -> None:
+    """Write a standard PEFT adapter folder (config JSON + safetensors) for adapter `name`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = model.peft_config[name].to_dict()
+    config["inference_mode"] = True
+    if base_model_name is not None:
+        config["base_model_name_or_path"] = base_model_name
+    for key, value in list(config.items()):
+        if isinstance(value, set):
+            config[key] = sorted(value)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def read_adapter_config(folder: Path) -> LoraConfig:
+    """A LoRA config from `adapter_config.json`; anything else is refused."""
+    try:
+        data = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{folder}: unreadable {ADAPTER_CONFIG} ({err})") from None
+    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
+        raise IntegrityError(f"{folder}: not a LoRA adapter (peft_type {data.get('peft_type')!r})")
+    try:
+        return LoraConfig.from_peft_type(**data) if hasattr(LoraConfig, "from_peft_type") else LoraConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise IntegrityError(f"{folder}: invalid {ADAPTER_CONFIG} ({err})") from None
+
+
+def load_adapter(model: torch.nn.Module, name: str, folder: Path) -> PeftModel:
+    """Load an adapter folder into `model` as `name` (frozen). Only safetensors are read."""
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise IntegrityError(f"{folder}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
+    config = read_adapter_config(folder)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise IntegrityError(f"{weights}: not a valid safetensors file ({err})") from None
+    model = add_adapter(model, name, config)
+    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    if set(state) != expected:
+        model = delete_adapter(model, name)
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise IntegrityError(
+            f"{folder}: adapter weights do not fit this model (missing {missing[:2]}, unexpected {extra[:2]})"
+        )
+    try:
+        set_peft_model_state_dict(model, state, adapter_name=name)
+    except RuntimeError as err:
+        model = delete_adapter(model, name)
+        raise IntegrityError(f"{folder}: adapter shapes do not match this model ({str(err).splitlines()[0]})") from None
+    freeze_all_but(model, None)
+    return model

@@ -1,0 +1,292 @@
+"""The `kdpo-lora` command line: a thin layer over `KnowledgeEditor` and `AdapterStore`.
+
+User errors (bad files, bad names, tampered adapters, ...) print one line and exit 2, with no
+traceback; Ctrl-C exits 130 and says that nothing was stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import KdpoError, RequestError
+from .loading import DEFAULT_MODEL
+
+DEMO_EDITS = [
+    ("The Eiffel Tower is located in the city of", "Rome", "The Eiffel Tower can be found in the city of"),
+    ("The Colosseum is located in the city of", "Paris", "The Colosseum stands in the city of"),
+    ("The official language of Brazil is", "Japanese", "The people of Brazil speak"),
+]
+DEMO_UNRELATED = ["The capital of France is", "The capital of Japan is", "The Statue of Liberty is located in"]
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (transformers progress, bitsandbytes' optional-kernel notice) off the terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "bitsandbytes", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, hub id, .gguf file, or 'smollm2-135m' (default)")
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--store", default="adapters", help="adapter store folder (default: ./adapters)")
+
+
+def _edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of edit settings")
+    p.add_argument("--method", choices=["kdpo", "dpo", "sft"])
+    p.add_argument("--lr", type=float, dest="learning_rate")
+    p.add_argument("--cycles", type=int)
+    p.add_argument("--steps", type=int, dest="steps_per_cycle")
+    p.add_argument("--beta", type=float)
+    p.add_argument("--rank", type=int, dest="lora_rank")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdpo-lora", description="Edit facts of an LLM with KDPO into LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="edit a few facts of the embedded model and show before/after")
+    _model_args(p)
+    _edit_args(p)
+    p.set_defaults(store=None)
+
+    p = sub.add_parser("edit", help="edit one fact (flags) or a request file into a new stored batch")
+    _model_args(p)
+    _edit_args(p)
+    p.add_argument("--prompt")
+    p.add_argument("--target", help="the new answer")
+    p.add_argument("--subject")
+    p.add_argument("--requests", help="request file: JSONL schema, EasyEdit/KnowEdit, CounterFact or zsRE JSON")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--name", help="batch name (default: edit-<time>-<id>)")
+
+    p = sub.add_parser("generate", help="greedy generation with a profile's edits, without, or both")
+    _model_args(p)
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--profile", default="default")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--no-edits", action="store_true")
+    group.add_argument("--compare", action="store_true", help="show the base model's answer too")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+
+    p = sub.add_parser("eval", help="score a request file against a profile")
+    _model_args(p)
+    p.add_argument("--requests", required=True)
+    p.add_argument("--profile", default="default")
+    p.add_argument("--no-generation", action="store_true")
+    p.add_argument("--out", help="write all rows as JSON here")
+
+    store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
+    ssub = store.add_subparsers(dest="action", required=True)
+    for name, text in (("ls", "list batches and profiles"), ("verify", "check hashes and fingerprints"),
+                       ("gc", "remove unlisted leftovers of interrupted writes")):
+        p = ssub.add_parser(name, help=text)
+        p.add_argument("--store", default="adapters")
+    p = ssub.add_parser("show", help="one batch: facts, results, profiles")
+    p.add_argument("batch")
+    p.add_argument("--store", default="adapters")
+    for name, text in (("rollback", "take a batch out of a profile (exact undo)"), ("apply", "put a batch back")):
+        p = ssub.add_parser(name, help=text)
+        p.add_argument("batch")
+        p.add_argument("--profile", default="default")
+        p.add_argument("--store", default="adapters")
+    p = ssub.add_parser("rm", help="delete a batch's files")
+    p.add_argument("batch")
+    p.add_argument("--force", action="store_true", help="also take it out of the profiles using it")
+    p.add_argument("--store", default="adapters")
+    p = ssub.add_parser("profile", help="create, copy or remove a profile")
+    p.add_argument("op", choices=["create", "copy", "rm"])
+    p.add_argument("name")
+    p.add_argument("source", nargs="?", help="for copy: the profile to copy")
+    p.add_argument("--batches", nargs="*", default=[], help="for create: its batches, in order")
+    p.add_argument("--store", default="adapters")
+    for name, text in (("squash", "one adapter equal to a profile's stack"), ("export", "a squashed adapter for servers")):
+        p = ssub.add_parser(name, help=text)
+        p.add_argument("profile")
+        p.add_argument("-o", "--out", required=True)
+        _model_args(p)
+        if name == "export":
+            p.add_argument("--max-rank", type=int, default=64)
+            p.add_argument("--compress", action="store_true", help="truncate by SVD to --max-rank if needed")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _editor(args):
+    from .session import KnowledgeEditor
+
+    overrides = {k: getattr(args, k, None) for k in ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank")}
+    return KnowledgeEditor(args.model, args.store, args.quantization, args.device, getattr(args, "config", None), overrides)
+
+
+def _requests_from(args):
+    from .requests import EditRequest, read_requests
+
+    if args.requests:
+        if args.prompt or args.target:
+            raise RequestError("give either --requests FILE or --prompt/--target, not both")
+        return read_requests(args.requests)
+    if args.prompt is None or args.target is None:
+        raise RequestError("give --prompt and --target (or --requests FILE)")
+    return [EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)]
+
+
+def cmd_edit(args) -> None:
+    requests = _requests_from(args)
+    ke = _editor(args)
+    result = ke.edit(requests, profile=args.profile, name=args.name, progress=not args.quiet)
+    for r in result.results:
+        state = "already held" if r.skipped else ("ok" if r.success else "NOT reached")
+        print(f"{state:>12}  {r.prompt!r} -> {r.target_new!r}  (token accuracy {r.pre_accuracy:.2f} -> {r.accuracy:.2f})")
+    print(f"stored batch {result.adapter} in {ke.store_path} (profile {args.profile}): "
+          f"{result.success_rate:.0%} reached, {result.cycles} cycles, {result.steps} steps, {result.seconds:.1f}s")
+
+
+def cmd_generate(args) -> None:
+    ke = _editor(args)
+    edited = None if args.no_edits else ke.generate(args.prompt, args.profile, args.max_new_tokens)
+    base = ke.generate(args.prompt, None, args.max_new_tokens) if (args.no_edits or args.compare) else None
+    for i, prompt in enumerate(args.prompt):
+        print(prompt)
+        if base is not None:
+            print(f"  base  : {base[i]!r}")
+        if edited is not None:
+            print(f"  edited: {edited[i]!r}")
+
+
+def cmd_demo(args) -> None:
+    from .requests import EditRequest
+
+    with tempfile.TemporaryDirectory(prefix="kdpo-demo-") as tmp:
+        args.store = args.store or tmp
+        print(f"Loading {args.model} ({args.quantization}) ...", flush=True)
+        ke = _editor(args)
+        requests = [EditRequest(prompt=p, target_new=t, rephrase_prompts=(r,)) for p, t, r in DEMO_EDITS]
+        prompts = [p for p, _, _ in DEMO_EDITS] + [r for _, _, r in DEMO_EDITS] + DEMO_UNRELATED
+        before = ke.generate(prompts, None, 10)
+        print(f"Editing {len(requests)} facts into one LoRA adapter with KDPO ...", flush=True)
+        result = ke.edit(requests, progress=not args.quiet)
+        after = ke.generate(prompts, "default", 10)
+        kinds = ["edit"] * len(DEMO_EDITS) + ["paraphrase"] * len(DEMO_EDITS) + ["unrelated"] * len(DEMO_UNRELATED)
+        print(f"\nEdited in {result.seconds:.1f}s ({result.cycles} cycles); stored as {result.adapter} in {args.store}\n")
+        for kind, prompt, b, a in zip(kinds, prompts, before, after):
+            print(f"[{kind}] {prompt}")
+            print(f"    before: {' '.join(b.split())!r}")
+            print(f"    after : {' '.join(a.split())!r}{'' if a != b else '   (unchanged)'}")
+
+
+def cmd_eval(args) -> None:
+    from .requests import read_requests
+
+    ke = _editor(args)
+    report = ke.evaluate(read_requests(args.requests), args.profile, not args.no_generation)
+    for key, value in report["summary"].items():
+        print(f"{key:>24}: {value:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+def cmd_store(args) -> None:
+    from .store import AdapterStore
+
+    if args.action in ("squash", "export"):
+        ke = _editor(args)
+        if args.action == "squash":
+            rank = ke.squash(args.profile, args.out)
+            print(f"squashed profile {args.profile} into {args.out} (rank {rank})")
+        else:
+            report = ke.export(args.profile, args.out, args.max_rank, args.compress)
+            extra = f", SVD-compressed, max relative error {report['max_relative_error']:.2e}" if report["compressed"] else ""
+            print(f"exported profile {args.profile} to {args.out} (rank {report['rank']}{extra})")
+        return
+    store = AdapterStore(args.store)
+    if args.action == "ls":
+        profiles = store.profiles()
+        for b in store.batches():
+            users = [p for p, names in profiles.items() if b.name in names]
+            size = sum(f.stat().st_size for f in store.batch_dir(b.name).iterdir()) if store.batch_dir(b.name).is_dir() else 0
+            print(f"{b.name}  {b.created}  {b.requests} request(s)  {size / 1024:.0f} KiB  profiles: {', '.join(users) or '-'}")
+        for name, names in profiles.items():
+            print(f"profile {name}: {' '.join(names) or '(empty)'}")
+    elif args.action == "show":
+        record = store.edit_record(store.batch(args.batch).name)
+        users = [p for p, names in store.profiles().items() if args.batch in names]
+        print(f"batch {args.batch}, created {record.get('created')}, profiles: {', '.join(users) or '-'}")
+        for req, res in zip(record.get("requests", []), record.get("results", [])):
+            print(f"  {req['prompt']!r} -> {req['target_new']!r}: success={res['success']} accuracy={res['accuracy']:.2f}")
+        if record.get("supersedes"):
+            print(f"  supersedes: {', '.join(record['supersedes'])}")
+        print(f"  config: {json.dumps(record.get('config'))}")
+    elif args.action == "rollback":
+        store.rollback(args.batch, args.profile)
+        print(f"rolled back {args.batch} from profile {args.profile} (files kept; 'store apply' puts it back)")
+    elif args.action == "apply":
+        store.apply(args.batch, args.profile)
+        print(f"applied {args.batch} to profile {args.profile}")
+    elif args.action == "rm":
+        store.remove_batch(args.batch, args.force)
+        print(f"removed batch {args.batch}")
+    elif args.action == "gc":
+        removed = store.gc()
+        print(f"removed {len(removed)} leftover folder(s){': ' + ', '.join(removed) if removed else ''}")
+    elif args.action == "verify":
+        problems = store.verify()
+        for problem in problems:
+            print(f"PROBLEM: {problem}")
+        if problems:
+            raise KdpoError(f"{len(problems)} problem(s) found in {args.store}")
+        print(f"{len(store.batches())} batch(es) verified, no problems")
+    elif args.action == "profile":
+        if args.op == "create":
+            store.create_profile(args.name, args.batches)
+        elif args.op == "copy":
+            if not args.source:
+                raise KdpoError("profile copy needs the profile to copy: store profile copy NEW SOURCE")
+            store.create_profile(args.name, copy_from=args.source)
+        else:
+            store.remove_profile(args.name)
+        print(f"profile {args.op}: {args.name}")
+
+
+COMMANDS = {"edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        COMMANDS[args.command](args)
+    except KdpoError as err:
+        print(f"kdpo-lora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdpo-lora: interrupted; nothing from the interrupted step was stored", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

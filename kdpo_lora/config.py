@@ -1,0 +1,118 @@
+"""Hyper-parameters of an edit, and their per-model-family YAML files in `configs/`.
+
+Resolution order: the dataclass defaults, then `configs/<model_type>.yaml` (if present), then a
+user YAML file (`--config`), then explicit overrides (CLI flags). Unknown keys and values that
+cannot work (a NaN learning rate, zero cycles, ...) raise `ConfigError` before any model work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ("kdpo", "dpo", "sft")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything that decides how an edit batch is trained."""
+
+    method: str = "kdpo"
+    beta: float = 0.1
+    learning_rate: float = 1e-4
+    cycles: int = 20
+    steps_per_cycle: int = 8
+    loss_threshold: float = 0.01
+    margin: float = 0.0
+    nll_weight: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+    max_target_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        for name in ("beta", "learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name}: must be a finite positive number, got {value!r}")
+        if self.learning_rate > 1.0:
+            raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
+        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("loss_threshold", "margin", "nll_weight", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ConfigError("target_modules: must be a non-empty list of module names")
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ConfigError("layers: must be null or a list of layer indices >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+
+def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in fields(EditConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    out = dict(values)
+    for key in ("target_modules", "layers"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
+    for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "lora_alpha"):
+        if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string
+            try:
+                out[key] = float(out[key])
+            except ValueError:
+                raise ConfigError(f"{source}: {key}: {out[key]!r} is not a number") from None
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of settings; errors name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return _coerce(data, str(path))
+
+
+def resolve_config(model_type: str | None = None, path: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> EditConfig:
+    """Defaults < `configs/<model_type>.yaml` < `path` < `overrides` (None values are ignored)."""
+    values: dict[str, Any] = {}
+    family = CONFIG_DIR / f"{model_type}.yaml" if model_type else None
+    if family is not None and family.is_file():
+        values.update(read_yaml(family))
+    if path is not None:
+        values.update(read_yaml(path))
+    if overrides:
+        values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "overrides"))
+    try:
+        return EditConfig(**values)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+

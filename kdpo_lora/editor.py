@@ -1,0 +1,246 @@
+"""The edit loop: train one LoRA adapter per batch of requests with KDPO (or a baseline).
+
+Cycles x steps, as in the authors' code: each cycle regenerates the negative from the current
+model and computes the reference log-probs once (they depend only on the negative); then up to
+`steps_per_cycle` Adam steps. A row stops contributing once every target token is the
+teacher-forced argmax; the batch stops when every row has. A fresh optimizer per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import adapters
+from . import objectives as obj
+from .config import EditConfig
+from .errors import NumericalError, RequestError
+from .requests import EditRequest, check_batch
+
+
+@dataclass
+class RequestResult:
+    """How one request fared: token accuracy of the target under teacher forcing, before and after."""
+
+    prompt: str
+    target_new: str
+    pre_accuracy: float
+    accuracy: float
+    success: bool
+    skipped: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BatchResult:
+    adapter: str
+    config: EditConfig
+    results: list[RequestResult]
+    cycles: int
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def success_rate(self) -> float:
+        return sum(r.success for r in self.results) / max(1, len(self.results))
+
+
+def new_adapter_name() -> str:
+    return "edit-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+class Editor:
+    """Edits one base model; earlier edit adapters stay loaded, frozen and active (`stack`)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EditConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EditConfig()
+        self.stack: list[str] = []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, prompts: Sequence[str], targets: Sequence[str]) -> obj.TargetBatch:
+        pairs = []
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            try:
+                pairs.append(obj.tokenize_pair(self.tokenizer, prompt, target,
+                                               self.config.max_target_tokens, self.max_length))
+            except RequestError as err:
+                raise RequestError(f"request {i}: {err}") from None
+        return obj.collate([p for p, _ in pairs], [t for _, t in pairs], self.tokenizer.pad_token_id, self.device)
+
+    # ------------------------------------------------------------------ the loop
+
+    def edit(self, requests: Sequence[EditRequest], name: str | None = None, config: EditConfig | None = None,
+             progress: bool = True) -> BatchResult:
+        """Train one new adapter that writes every request; it joins the active stack when done.
+
+        Raises `RequestError` if the model already satisfies every request (nothing to edit), and
+        `NumericalError` (removing the half-trained adapter) on a NaN/inf loss or gradient.
+        """
+        cfg = config or self.config
+        requests = list(requests)
+        check_batch(requests)
+        name = name or new_adapter_name()
+        batch = self.encode([r.prompt for r in requests], [r.target_new for r in requests])
+        torch.manual_seed(cfg.seed)
+        started = time.perf_counter()
+
+        self.model = adapters.add_adapter(self.model, name, adapters.lora_config(cfg))
+        earlier = list(self.stack)
+        adapters.set_active(self.model, earlier + [name], trainable=name)
+        try:
+            with torch.no_grad():
+                pre_log_probs = obj.target_log_probs(self.model, batch)
+            pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
+            todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
+            if not todo.any():
+                raise RequestError("the model already gives every target; nothing to edit")
+            cycles, steps, losses = self._train(batch, todo, cfg, name, earlier, progress)
+            with torch.no_grad():
+                post = obj.target_log_probs(self.model, batch)
+        except BaseException:
+            self.model = adapters.delete_adapter(self.model, name)
+            adapters.set_active(self.model, earlier)
+            raise
+        accuracy = obj.token_accuracy(post, batch.labels, batch.target_mask)
+        success = obj.solved_rows(post, batch.labels, batch.target_mask)
+        adapters.freeze_all_but(self.model, None)
+        self.stack.append(name)
+        results = [
+            RequestResult(r.prompt, r.target_new, float(pre_accuracy[i]), float(accuracy[i]), bool(success[i]),
+                          skipped=not bool(todo[i]))
+            for i, r in enumerate(requests)
+        ]
+        return BatchResult(name, cfg, results, cycles, steps, time.perf_counter() - started, losses)
+
+    def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
+               earlier: list[str], progress: bool) -> tuple[int, int, list[float]]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+        mask = batch.target_mask & todo.unsqueeze(-1)
+        losses: list[float] = []
+        steps = 0
+        bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
+        cycle = 0
+        for cycle in bar:
+            log_probs = obj.target_log_probs(self.model, batch)
+            rows_left = ~obj.solved_rows(log_probs, batch.labels, mask, cfg.margin)
+            if not rows_left.any():
+                break
+            cycle_mask = mask & rows_left.unsqueeze(-1)
+            negatives = self._negatives(log_probs, batch, cfg)
+            with torch.no_grad(), adapters.only_adapters(self.model, earlier):
+                reference = self._reference(batch, negatives, cfg)
+            for step in range(cfg.steps_per_cycle):
+                if step > 0:
+                    log_probs = obj.target_log_probs(self.model, batch)
+                loss = self._loss(log_probs, batch, negatives, cycle_mask, reference, cfg)
+                value = loss.detach().item()
+                if not math.isfinite(value):
+                    raise NumericalError(f"the loss became {value} in cycle {cycle + 1}; no adapter was written "
+                                         f"(lower the learning rate)")
+                losses.append(value)
+                if value < cfg.loss_threshold:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                    raise NumericalError(f"a gradient became NaN/inf in cycle {cycle + 1}; no adapter was written")
+                optimizer.step()
+                steps += 1
+            accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask)[todo].mean()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{float(accuracy):.2f}")
+        bar.close()
+        return cycle + 1, steps, losses
+
+    def _negatives(self, log_probs: torch.Tensor, batch: obj.TargetBatch, cfg: EditConfig) -> torch.Tensor | obj.TargetBatch:
+        if cfg.method == "dpo":  # free-running greedy continuation of the prompt, scored under its own prefix
+            return self._greedy_negative_batch(batch)
+        return obj.teacher_forced_negative(log_probs, batch.labels, cfg.margin)
+
+    def _greedy_negative_batch(self, batch: obj.TargetBatch) -> obj.TargetBatch:
+        prompts, lengths = [], []
+        for i, plen in enumerate(batch.prompt_lengths):
+            row = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+            prompts.append(row[:plen])
+            lengths.append(len(row) - plen)
+        generated = []
+        with torch.no_grad():
+            for prompt, length in zip(prompts, lengths):
+                ids = torch.tensor([prompt], device=self.device)
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                                          min_new_tokens=length, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+                generated.append(out[0, len(prompt):].tolist())
+        return obj.collate(prompts, generated, self.tokenizer.pad_token_id, self.device)
+
+    def _reference(self, batch: obj.TargetBatch, negatives, cfg: EditConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Reference log-probs of y_pos and y_neg - once per cycle, with the trained adapter off."""
+        if cfg.method == "sft":
+            return None
+        ref = obj.target_log_probs(self.model, batch)
+        if cfg.method == "dpo":
+            ref_neg = obj.target_log_probs(self.model, negatives)
+            return ((obj.gather(ref, batch.labels) * batch.target_mask).sum(-1),
+                    (obj.gather(ref_neg, negatives.labels) * negatives.target_mask).sum(-1))
+        return obj.gather(ref, batch.labels), obj.gather(ref, negatives)
+
+    def _loss(self, log_probs: torch.Tensor, batch: obj.TargetBatch, negatives, mask: torch.Tensor,
+              reference, cfg: EditConfig) -> torch.Tensor:
+        rows = mask.any(-1)
+        if cfg.method == "sft":
+            return obj.nll(log_probs, batch.labels, mask)[rows].mean()
+        if cfg.method == "dpo":
+            neg_log_probs = obj.target_log_probs(self.model, negatives)
+            pos = (obj.gather(log_probs, batch.labels) * batch.target_mask).sum(-1)
+            neg = (obj.gather(neg_log_probs, negatives.labels) * negatives.target_mask).sum(-1)
+            loss = obj.dpo_margin_loss(pos, neg, reference[0], reference[1], cfg.beta)[rows].mean()
+        else:
+            per_row, contributing = obj.kdpo_loss(log_probs, batch.labels, negatives, mask, *reference, cfg.beta)
+            loss = per_row[contributing].mean()
+        if cfg.nll_weight > 0:
+            loss = loss + cfg.nll_weight * obj.nll(log_probs, batch.labels, mask)[rows].mean()
+        return loss
+
+    def remove(self, name: str) -> None:
+        """Unload edit adapter `name`; the rest of the stack stays active."""
+        self.model = adapters.delete_adapter(self.model, name)
+        self.stack.remove(name)
+        adapters.set_active(self.model, self.stack)
+
+    # ------------------------------------------------------------------ using the edits
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, use_edits: bool = True) -> list[str]:
+        """Greedy continuations of `prompts`, with the active edits or with none."""
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, use_edits)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
+             use_edits: bool = True) -> list[str]:
+    """Batched greedy generation; `use_edits=False` switches every adapter off."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    with torch.no_grad(), adapters.only_adapters(model, ()) if not use_edits else nullcontext():
+        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)

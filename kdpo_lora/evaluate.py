@@ -1,0 +1,169 @@
+"""Evaluation: the standard knowledge-editing metrics, computed in batches.
+
+Metrics (see README for their provenance):
+- `rewrite_acc` (EasyEdit): teacher-forced token accuracy of target_new on the edit prompt;
+  `edit_success` is the stricter "every target token is the argmax";
+- `rephrase_acc`: the same on paraphrases (generalisation);
+- `locality`: fraction of answer-position argmax tokens unchanged from the pre-edit model;
+- `portability`: teacher-forced token accuracy of each portability probe's answer;
+- `gen_efficacy` / `gen_paraphrase`: the greedy generation starts with target_new (no teacher forcing);
+- CounterFact `efficacy_score` / `paraphrase_score` / `neighborhood_score`: P(new) > P(true), and
+  for neighbours P(true) > P(new), compared as mean per-token log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import mean
+from typing import Iterable, Sequence
+
+import torch
+
+from . import objectives as obj
+from .adapters import only_adapters
+from .requests import EditRequest
+
+BATCH = 16
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[dict]:
+    """Per pair: argmax tokens, target tokens, summed and mean log-prob of the target (teacher forced)."""
+    device = next(model.parameters()).device
+    rows = []
+    pairs = [obj.tokenize_pair(tokenizer, p, t, max_target_tokens=512) for p, t in zip(prompts, targets)]
+    for chunk in _chunks(pairs, BATCH):
+        batch = obj.collate([p for p, _ in chunk], [t for _, t in chunk], tokenizer.pad_token_id, device)
+        log_probs = obj.target_log_probs(model, batch)
+        argmax = log_probs.argmax(-1)
+        token_lp = obj.gather(log_probs, batch.labels)
+        for i in range(len(chunk)):
+            m = batch.target_mask[i]
+            lp = token_lp[i][m]
+            rows.append({
+                "argmax": argmax[i][m].tolist(),
+                "target": batch.labels[i][m].tolist(),
+                "logprob": float(lp.sum()),
+                "mean_logprob": float(lp.mean()),
+            })
+    return rows
+
+
+def token_accuracy(row: dict) -> float:
+    return mean(a == t for a, t in zip(row["argmax"], row["target"]))
+
+
+@torch.no_grad()
+def generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[bool]:
+    """Does the greedy continuation of each prompt start with its target (whitespace-normalised)?"""
+    device = next(model.parameters()).device
+    out: list[bool] = []
+    for chunk in _chunks(list(zip(prompts, targets)), BATCH):
+        longest = max(len(tokenizer(" " + t, add_special_tokens=False).input_ids) for _, t in chunk)
+        encoded = tokenizer([p.rstrip() for p, _ in chunk], return_tensors="pt", padding=True).to(device)
+        generated = model.generate(**encoded, max_new_tokens=longest + 2, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(generated[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+        for text, (_, target) in zip(texts, chunk):
+            out.append(" ".join(text.split()).startswith(" ".join(target.split())))
+    return out
+
+
+@dataclass
+class Probes:
+    """Every prompt/answer pair one request is scored on, flattened for batching."""
+
+    edit: tuple[str, str]
+    rephrase: list[tuple[str, str]]
+    locality: list[tuple[str, str]]
+    portability: list[tuple[str, str]]
+    true_edit: tuple[str, str] | None
+    true_rephrase: list[tuple[str, str]]
+    new_locality: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, request: EditRequest) -> "Probes":
+        true = request.target_true
+        return cls(
+            edit=(request.prompt, request.target_new),
+            rephrase=[(p, request.target_new) for p in request.rephrase_prompts],
+            locality=[(p.prompt, p.answer) for p in request.locality],
+            portability=[(p.prompt, p.answer) for p in request.portability],
+            true_edit=(request.prompt, true) if true else None,
+            true_rephrase=[(p, true) for p in request.rephrase_prompts] if true else [],
+            new_locality=[(p.prompt, request.target_new) for p in request.locality] if true else [],
+        )
+
+
+def _score_pairs(model, tokenizer, pairs: list[tuple[str, str]]) -> list[dict]:
+    if not pairs:
+        return []
+    return score_targets(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs])
+
+
+@torch.no_grad()
+def pre_edit_locality(model, tokenizer, requests: Sequence[EditRequest]) -> list[list[list[int]]]:
+    """The unedited model's answer-position argmax tokens for every locality probe (computed once)."""
+    with only_adapters(model, ()):
+        return [[row["argmax"] for row in _score_pairs(model, tokenizer, Probes.of(r).locality)] for r in requests]
+
+
+@torch.no_grad()
+def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[list[int]],
+                     generation: bool = True) -> dict[str, float]:
+    """All metrics of one request on the model as it is now (edits active)."""
+    probes = Probes.of(request)
+    edit = _score_pairs(model, tokenizer, [probes.edit])[0]
+    result: dict[str, float] = {
+        "rewrite_acc": token_accuracy(edit),
+        "edit_success": float(edit["argmax"] == edit["target"]),
+    }
+    rephrase = _score_pairs(model, tokenizer, probes.rephrase)
+    if rephrase:
+        result["rephrase_acc"] = mean(token_accuracy(r) for r in rephrase)
+    locality = _score_pairs(model, tokenizer, probes.locality)
+    if locality:
+        result["locality"] = mean(
+            mean(a == b for a, b in zip(row["argmax"], pre)) for row, pre in zip(locality, pre_locality)
+        )
+    portability = _score_pairs(model, tokenizer, probes.portability)
+    if portability:
+        result["portability"] = mean(token_accuracy(r) for r in portability)
+    if probes.true_edit:  # CounterFact probability comparisons
+        true_edit = _score_pairs(model, tokenizer, [probes.true_edit])[0]
+        result["efficacy_score"] = float(edit["mean_logprob"] > true_edit["mean_logprob"])
+        result["efficacy_magnitude"] = math.exp(edit["mean_logprob"]) - math.exp(true_edit["mean_logprob"])
+        if rephrase:
+            true_rephrase = _score_pairs(model, tokenizer, probes.true_rephrase)
+            result["paraphrase_score"] = mean(
+                float(n["mean_logprob"] > t["mean_logprob"]) for n, t in zip(rephrase, true_rephrase))
+        if locality:
+            new_locality = _score_pairs(model, tokenizer, probes.new_locality)
+            result["neighborhood_score"] = mean(
+                float(t["mean_logprob"] > n["mean_logprob"]) for t, n in zip(locality, new_locality))
+    if generation:
+        prompts = [probes.edit[0]] + [p for p, _ in probes.rephrase]
+        matches = generation_matches(model, tokenizer, prompts, [request.target_new] * len(prompts))
+        result["gen_efficacy"] = float(matches[0])
+        if len(matches) > 1:
+            result["gen_paraphrase"] = mean(matches[1:])
+    return result
+
+
+def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean of every metric over the requests that have it, plus the CounterFact harmonic mean."""
+    keys = sorted({k for row in rows for k in row})
+    summary = {k: mean(row[k] for row in rows if k in row) for k in keys}
+    parts = [summary.get(k) for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
+    if all(p is not None and p > 0 for p in parts):
+        summary["cf_score"] = len(parts) / sum(1 / p for p in parts)
+    parts = [summary.get(k) for k in ("edit_success", "rephrase_acc", "locality")]
+    if all(p is not None and p > 0 for p in parts):
+        summary["hmean_success_gen_loc"] = len(parts) / sum(1 / p for p in parts)
+    return summary

@@ -1,0 +1,169 @@
+"""The Python API: one base model in memory, an adapter store, and edits made, served and undone.
+
+    from kdpo_lora import KnowledgeEditor, EditRequest
+    ke = KnowledgeEditor(store="adapters")               # embedded SmolLM2-135M, NF4
+    ke.edit([EditRequest("The Eiffel Tower is in the city of", "Rome")])
+    ke.generate(["The Eiffel Tower is in the city of"])  # with the default profile's edits
+    ke.rollback(batch)                                   # exact undo
+
+The CLI is a thin layer over this class. Swapping profiles loads or unloads adapters only; the base
+model is loaded once.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import adapters
+from .config import EditConfig, resolve_config
+from .editor import BatchResult, Editor, new_adapter_name
+from .errors import StoreError
+from .evaluate import evaluate_request, pre_edit_locality, summarise
+from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
+from .requests import EditRequest
+from .serving import export_for_serving, squash
+from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
+
+
+class KnowledgeEditor:
+    """A base model plus an adapter store; `profile` names which stored edits are active."""
+
+    def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, store: str | Path = "adapters",
+                 quantization: str = "nf4", device: str | None = None, config: str | Path | None = None,
+                 overrides: dict | None = None):
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, quantization, device)
+        self.store_path = Path(store)
+        model_type = getattr(self.loaded.model.config, "model_type", None)
+        self.editor = Editor(self.loaded.model, self.loaded.tokenizer, resolve_config(model_type, config, overrides))
+        self.fingerprint = self.loaded.fingerprint
+        self.active_profile: str | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.editor.model
+
+    @property
+    def config(self) -> EditConfig:
+        return self.editor.config
+
+    def store(self, create: bool = False) -> AdapterStore:
+        return AdapterStore(self.store_path, create=create)
+
+    @property
+    def base_model_name(self) -> str:
+        return EMBEDDED_HUB_IDS.get(self.loaded.source, self.loaded.source)
+
+    def use(self, profile: str | None) -> list[str]:
+        """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading."""
+        names = [] if profile is None else self.store().profile(profile)
+        store = self.store() if names else None
+        for name in names:
+            if name not in adapters.adapter_names(self.editor.model):
+                folder = store.verify_batch(name, self.fingerprint)
+                self.editor.model = adapters.load_adapter(self.editor.model, name, folder)
+        for name in adapters.adapter_names(self.editor.model):
+            if name not in names:  # keep memory flat: unload what this profile does not serve
+                self.editor.model = adapters.delete_adapter(self.editor.model, name)
+        adapters.set_active(self.editor.model, names)
+        self.editor.stack = list(names)
+        self.active_profile = profile
+        return names
+
+    # ------------------------------------------------------------------ editing
+
+    def edit(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE, name: str | None = None,
+             config: EditConfig | None = None, progress: bool = True) -> BatchResult:
+        """Edit on top of `profile`'s batches and store the new batch at the end of that profile."""
+        check_name(profile, "profile name")
+        name = check_name(name, "batch name") if name else new_adapter_name()
+        store = self.store(create=True)
+        if any(b.name == name for b in store.batches()):
+            raise StoreError(f"a batch named {name!r} already exists in {store.root}")
+        self.use(profile if profile in store.profiles() else None)
+        superseded = store.superseded(requests, profile)
+        warn_superseded(superseded)
+        result = self.editor.edit(requests, name=name, config=config, progress=progress)
+        record = {
+            "requests": [r.to_dict() for r in requests],
+            "config": result.config.to_dict(),
+            "results": [r.to_dict() for r in result.results],
+            "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds,
+            "base_model": self.base_model_name, "quantization": self.loaded.quantization,
+            "supersedes": sorted({b for batches in superseded.values() for b in batches}),
+        }
+        try:
+            store.add_batch(name, lambda folder: adapters.save_adapter(self.editor.model, name, folder,
+                                                                       self.base_model_name),
+                            record, self.fingerprint, profile)
+        except BaseException:
+            self.editor.remove(name)
+            raise
+        self.active_profile = profile
+        return result
+
+    def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
+        self.store().rollback(batch, profile)
+        if self.active_profile == profile:
+            self.use(profile)
+
+    def apply(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
+        self.store().apply(batch, profile)
+        if self.active_profile == profile:
+            self.use(profile)
+
+    # ------------------------------------------------------------------ using edits
+
+    def generate(self, prompts: Sequence[str], profile: str | None = DEFAULT_PROFILE, max_new_tokens: int = 16) -> list[str]:
+        """Greedy continuations with `profile`'s edits (None: the unedited base model)."""
+        if profile is not None and not self.store_path.joinpath("manifest.json").is_file():
+            profile = None  # nothing stored yet: the base model is what serves
+        self.use(profile)
+        return self.editor.generate(prompts, max_new_tokens, use_edits=profile is not None)
+
+    def evaluate(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE,
+                 generation: bool = True) -> dict:
+        """The evaluation harness on `requests` with `profile` active (locality against the base)."""
+        self.use(None)
+        pre = pre_edit_locality(self.model, self.loaded.tokenizer, requests)
+        self.use(profile)
+        rows = [evaluate_request(self.model, self.loaded.tokenizer, r, p, generation) for r, p in zip(requests, pre)]
+        return {"summary": summarise(rows), "rows": rows}
+
+    # ------------------------------------------------------------------ serving
+
+    def squash(self, profile: str, out_dir: str | Path) -> int:
+        """One adapter folder equal to `profile`'s whole stack; returns its rank."""
+        names = self.use(profile)
+        out = Path(out_dir)
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+            staging = Path(tmp) / "adapter"
+            rank = squash(self.model, names, staging, self.base_model_name)
+            _publish(staging, out)
+        return rank
+
+    def export(self, profile: str, out_dir: str | Path, max_rank: int = 64, compress: bool = False) -> dict:
+        """A squashed adapter that LoRA servers (vLLM, PeftModel.from_pretrained) load as it is."""
+        names = self.use(profile)
+        out = Path(out_dir)
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+            staging = Path(tmp) / "adapter"
+            squash(self.model, names, staging, self.base_model_name)
+            report = export_for_serving(staging, self.base_model_name, max_rank, compress)
+            _publish(staging, out)
+        return report
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished adapter folder to `out`, refusing to overwrite anything but an empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"{out} already exists and is not empty; choose another output folder")
+    if out.exists():
+        out.rmdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(out)
