@@ -171,6 +171,7 @@ class Editor:
             accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask)[todo].mean()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{float(accuracy):.2f}")
         bar.close()
+        optimizer.zero_grad(set_to_none=True)  # frozen from now on: keep no gradient memory
         return cycle + 1, steps, losses
 
     def _negatives(self, log_probs: torch.Tensor, batch: obj.TargetBatch, cfg: EditConfig) -> torch.Tensor | obj.TargetBatch:

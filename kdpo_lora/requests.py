@@ -50,6 +50,10 @@ class EditRequest:
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt)
         _check_text("target_new", self.target_new)
+        for name in ("subject", "target_true", "case_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise RequestError(f"field '{name}': expected a string, got {type(value).__name__}")
         if self.target_new != self.target_new.strip():
             object.__setattr__(self, "target_new", self.target_new.strip())
 

@@ -81,7 +81,7 @@ class KnowledgeEditor:
              config: EditConfig | None = None, progress: bool = True) -> BatchResult:
         """Edit on top of `profile`'s batches and store the new batch at the end of that profile."""
         check_name(profile, "profile name")
-        name = check_name(name, "batch name") if name else new_adapter_name()
+        name = check_name(name, "batch name") if name is not None else new_adapter_name()
         store = self.store(create=True)
         if any(b.name == name for b in store.batches()):
             raise StoreError(f"a batch named {name!r} already exists in {store.root}")

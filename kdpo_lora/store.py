@@ -170,6 +170,7 @@ class AdapterStore:
 
     def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
         """Take `batch` out of `profile`; its files stay (use `apply` to put it back)."""
+        check_name(batch, "batch name")
         self._edit_profile(profile, lambda names: _without(names, batch, profile))
 
     def apply(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:

@@ -1,0 +1,191 @@
+"""The KDPO objective on a tiny random Llama: alignment, first-step loss, masking, reference, gradients."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from kdpo_lora import adapters
+from kdpo_lora import objectives as obj
+from kdpo_lora.config import EditConfig
+from kdpo_lora.editor import Editor
+from kdpo_lora.requests import EditRequest
+
+PAIRS = [
+    ("the eiffel tower is located in the city of", "rome"),
+    ("the capital of japan is", "paris france"),
+    ("the official language of spain is", "the german language of berlin"),
+]
+
+
+def _batch(tokenizer, pairs):
+    encoded = [obj.tokenize_pair(tokenizer, p, t) for p, t in pairs]
+    return obj.collate([p for p, _ in encoded], [t for _, t in encoded], tokenizer.pad_token_id, "cpu"), encoded
+
+
+def test_tokenize_pair_splits_at_the_prompt_boundary(tokenizer):
+    prompt_ids, target_ids = obj.tokenize_pair(tokenizer, "the capital of japan is ", "  paris france ")
+    assert tokenizer.convert_ids_to_tokens(prompt_ids) == ["the", "capital", "of", "japan", "is"]
+    assert tokenizer.convert_ids_to_tokens(target_ids) == ["paris", "france"]
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1, 2]])
+def test_teacher_forced_negatives_are_aligned_single_and_padded(tiny_model, tokenizer, rows):
+    """Column k of the batched logits predicts target token k of every row, as in an unpadded pass."""
+    pairs = [PAIRS[i] for i in rows]
+    batch, encoded = _batch(tokenizer, pairs)
+    with torch.no_grad():
+        log_probs = obj.target_log_probs(tiny_model, batch)
+    negatives = obj.teacher_forced_negative(log_probs, batch.labels)
+    k = batch.num_targets
+    for i, (prompt_ids, target_ids) in enumerate(encoded):
+        ids = torch.tensor([prompt_ids + target_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(tiny_model(input_ids=ids).logits[0].float(), -1)
+        t = len(target_ids)
+        # the logit at position p predicts token p + 1: target token j sits at len(prompt) + j
+        expected = full[len(prompt_ids) - 1: len(prompt_ids) - 1 + t]
+        assert batch.target_mask[i].sum() == t
+        assert batch.labels[i, k - t:].tolist() == target_ids
+        torch.testing.assert_close(log_probs[i, k - t:], expected, atol=2e-5, rtol=1e-4)
+        assert negatives[i, k - t:].tolist() == expected.argmax(-1).tolist()
+
+
+def test_first_step_loss_is_exactly_log2(tiny_model, tokenizer):
+    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=1, steps_per_cycle=1))
+    result = editor.edit([EditRequest(*PAIRS[0])], progress=False)
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_masked_positions_contribute_nothing(tokenizer):
+    """Changing log-probs where the mask is off (padding, or negative == positive) changes neither loss nor gradient."""
+    batch, _ = _batch(tokenizer, PAIRS)
+    torch.manual_seed(0)
+    logits = torch.randn(*batch.labels.shape, 50, requires_grad=True)
+    labels = batch.labels.clamp(max=49)
+    negatives = labels.clone()
+    negatives[:, -1] = (labels[:, -1] + 1) % 50  # only the last column of each row differs
+    ref_pos, ref_neg = torch.randn(labels.shape), torch.randn(labels.shape)
+    lp = torch.log_softmax(logits, -1)
+    loss, rows = obj.kdpo_loss(lp, labels, negatives, batch.target_mask, ref_pos, ref_neg, beta=0.1)
+    loss.sum().backward()
+    assert rows.all()
+    grad = logits.grad
+    assert grad[:, :-1].abs().max() == 0  # every column where negative == label is masked
+    assert grad[:, -1].abs().max() > 0
+    # perturb the masked positions (log-probs and reference alike): the loss does not move
+    noisy = logits.detach().clone()
+    noisy[:, :-1] += torch.randn_like(noisy[:, :-1]) * 5
+    ref_noisy = ref_pos.clone()
+    ref_noisy[:, :-1] += 3
+    again, _ = obj.kdpo_loss(torch.log_softmax(noisy, -1), labels, negatives, batch.target_mask, ref_noisy, ref_neg, 0.1)
+    torch.testing.assert_close(again, loss.detach())
+
+
+def _randomise_adapter(model, name, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if f".{name}." in pname and "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize("earlier_count", [0, 2])
+def test_reference_equals_model_without_the_trained_adapter(tiny_model, tokenizer, earlier_count):
+    cfg = EditConfig()
+    model = tiny_model
+    earlier = [f"old{i}" for i in range(earlier_count)]
+    for i, name in enumerate(earlier):
+        model = adapters.add_adapter(model, name, adapters.lora_config(cfg))
+        _randomise_adapter(model, name, seed=i)
+    model = adapters.add_adapter(model, "new", adapters.lora_config(cfg))
+    _randomise_adapter(model, "new", seed=99)
+    adapters.set_active(model, earlier + ["new"], trainable="new")
+    batch, _ = _batch(tokenizer, PAIRS)
+    with torch.no_grad():
+        policy = obj.target_log_probs(model, batch)
+        with adapters.only_adapters(model, earlier):
+            reference = obj.target_log_probs(model, batch)
+        after = obj.target_log_probs(model, batch)
+    torch.testing.assert_close(after, policy)  # the context restored the full stack
+    assert (policy - reference).abs().max() > 1e-3  # the trained adapter really does something
+    model = adapters.delete_adapter(model, "new")
+    adapters.set_active(model, earlier)
+    with torch.no_grad():
+        without = obj.target_log_probs(model, batch)
+    torch.testing.assert_close(reference, without, atol=0, rtol=0)
+
+
+def test_only_the_new_adapter_receives_gradients(tiny_model, tokenizer):
+    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=2, steps_per_cycle=2))
+    first = editor.edit([EditRequest(*PAIRS[0])], progress=False)
+    before = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    seen = {}
+    original_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        for name, param in editor.model.named_parameters():
+            if param.grad is not None:
+                seen[name] = float(param.grad.abs().sum())
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.Adam.step = spy
+    try:
+        second = editor.edit([EditRequest(*PAIRS[1])], progress=False)
+    finally:
+        torch.optim.Adam.step = original_step
+    assert seen, "no optimizer step ran"
+    assert all(f".{second.adapter}." in n and "lora_" in n for n in seen)
+    assert any(v > 0 for n, v in seen.items() if "lora_B" in n)
+    for name, param in editor.model.named_parameters():  # base and the earlier adapter did not move
+        if f".{second.adapter}." not in name:
+            assert torch.equal(param, before[name]), name
+    assert editor.stack == [first.adapter, second.adapter]
+    assert not any(p.requires_grad for p in editor.model.parameters())
+
+
+def test_editing_never_copies_the_model(tiny_model, tokenizer, monkeypatch):
+    calls = []
+    real_deepcopy = copy.deepcopy
+
+    def guarded(obj_, *args, **kwargs):
+        if isinstance(obj_, torch.nn.Module) and sum(p.numel() for p in obj_.parameters()) > 10_000:
+            calls.append(type(obj_).__name__)
+        return real_deepcopy(obj_, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", guarded)
+    base_weight = tiny_model.model.layers[0].mlp.down_proj.weight
+    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=2, steps_per_cycle=2))
+    editor.edit([EditRequest(*PAIRS[0])], progress=False)
+    editor.edit([EditRequest(*PAIRS[1])], progress=False)
+    assert calls == []
+    # the one base weight tensor is still the one in the model (wrapped by the LoRA layer, not copied)
+    lora_layer = editor.model.base_model.model.model.layers[0].mlp.down_proj
+    assert lora_layer.base_layer.weight is base_weight
+    params = {id(p) for p in editor.model.parameters()}
+    assert sum(p.numel() for p in editor.model.parameters() if "lora_" not in str(p.shape)) > 0
+    assert len(params) == len(list(editor.model.parameters()))
+
+
+def test_padded_batch_edits_every_row(tiny_model, tokenizer):
+    """A batch of requests with different lengths is edited into one adapter, each row to its own target."""
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=1e-3, beta=1.0, cycles=20))
+    result = editor.edit([EditRequest(p, t) for p, t in PAIRS], progress=False)
+    assert [r.success for r in result.results] == [True, True, True]
+    batch, _ = _batch(tokenizer, PAIRS)
+    with torch.no_grad():
+        lp = obj.target_log_probs(editor.model, batch)
+    assert obj.solved_rows(lp, batch.labels, batch.target_mask).all()
+    assert len(editor.stack) == 1
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_baselines_run_behind_the_same_interface(tiny_model, tokenizer, method):
+    editor = Editor(tiny_model, tokenizer, EditConfig(method=method, learning_rate=5e-3, cycles=20))
+    result = editor.edit([EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])], progress=False)
+    assert all(r.success for r in result.results)
+    if method == "dpo":
+        assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)

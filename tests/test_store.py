@@ -1,0 +1,229 @@
+"""The adapter store on a tiny random Llama (fp32 and NF4): squash, rollback, export, verify, profiles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from kdpo_lora import adapters
+from kdpo_lora.errors import IntegrityError, StoreError
+from kdpo_lora.loading import load_model
+from kdpo_lora.requests import EditRequest
+from kdpo_lora.session import KnowledgeEditor
+from kdpo_lora.store import AdapterStore
+
+PROMPTS = ["the eiffel tower is located in the city of", "the capital of japan is", "the official language of spain is"]
+EDITS = [("the eiffel tower is located in the city of", "rome"), ("the capital of japan is", "paris"),
+         ("the official language of spain is", "german")]
+TOL = {"none": 1e-5, "nf4": 1e-4}
+SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 10}
+
+
+def _logits(ke: KnowledgeEditor, profile: str | None) -> torch.Tensor:
+    ke.use(profile)
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return ke.model(**encoded).logits[encoded.attention_mask.bool()].float()
+
+
+@pytest.fixture(params=["none", "nf4"])
+def stacked(request, tiny_model_dir, tmp_path):
+    """A store with three batches in the default profile, each editing one fact."""
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), request.param, "cpu"), tmp_path / "store",
+                         overrides=SETTINGS)
+    names = []
+    for i, (prompt, target) in enumerate(EDITS):
+        names.append(ke.edit([EditRequest(prompt, target)], name=f"b{i + 1}", progress=False).adapter)
+    return ke, names, TOL[request.param]
+
+
+def test_batches_are_standard_peft_folders_with_hashes(stacked):
+    ke, names, _ = stacked
+    store = ke.store()
+    assert [b.name for b in store.batches()] == names == store.profile("default")
+    folder = store.batch_dir("b1")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                         "checksums.json", "edit.json"]
+    record = json.loads((folder / "edit.json").read_text())
+    assert record["requests"][0]["target_new"] == "rome" and record["base_fingerprint"] == ke.fingerprint
+    assert record["config"]["learning_rate"] == SETTINGS["learning_rate"] and "created" in record
+    assert store.verify(ke.fingerprint) == []
+
+
+def test_squash_equals_the_stack(stacked, tmp_path):
+    ke, names, tol = stacked
+    stack = _logits(ke, "default")
+    rank = ke.squash("default", tmp_path / "squashed")
+    assert rank == 3 * ke.config.lora_rank
+    ke.use(None)
+    model = ke.editor.model = adapters.load_adapter(ke.editor.model, "sq", tmp_path / "squashed")
+    adapters.set_active(model, ["sq"])
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        squashed = model(**encoded).logits[encoded.attention_mask.bool()].float()
+    assert (squashed - stack).abs().max() <= tol
+    assert (stack - _logits(ke, None)).abs().max() > 1e-3  # the edits are not a no-op
+
+
+def test_rollback_last_restores_previous_logits_exactly(stacked):
+    ke, names, tol = stacked
+    ke.store().create_profile("first-two", names[:2])
+    expected = _logits(ke, "first-two")
+    ke.rollback("b3")
+    after = _logits(ke, "default")
+    assert (after - expected).abs().max() <= (1e-6 if tol == 1e-5 else tol)
+    ke.apply("b3")
+    assert ke.store().profile("default") == names
+
+
+def test_rollback_middle_equals_stack_without_it(stacked):
+    ke, names, tol = stacked
+    ke.store().create_profile("without-b2", ["b1", "b3"])
+    expected = _logits(ke, "without-b2")
+    ke.rollback("b2")
+    assert (_logits(ke, "default") - expected).abs().max() <= (1e-6 if tol == 1e-5 else tol)
+    assert ke.store().profile("default") == ["b1", "b3"]
+    ke.apply("b2")  # back in its original place
+    assert ke.store().profile("default") == names
+
+
+def test_profiles_swap_without_reloading_the_base(stacked, monkeypatch):
+    ke, names, _ = stacked
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
+    store = ke.store()
+    store.create_profile("deploy-a", ["b1"])
+    store.create_profile("deploy-b", [])
+    base_weight = ke.loaded.model.get_input_embeddings().weight
+    a = ke.generate([PROMPTS[0]], "deploy-a", max_new_tokens=1)
+    b = ke.generate([PROMPTS[0]], "deploy-b", max_new_tokens=1)
+    assert a == ["rome"] and b != a
+    assert calls == [] and ke.model.get_input_embeddings().weight is base_weight
+
+
+def test_export_loads_with_plain_peft(stacked, tmp_path, tiny_model_dir):
+    ke, names, tol = stacked
+    stack = _logits(ke, "default")
+    report = ke.export("default", tmp_path / "export", max_rank=64)
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert config["bias"] == "none" and config["modules_to_save"] is None and not config["rank_pattern"]
+    assert config["r"] == report["rank"] <= 64 and config["base_model_name_or_path"]
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "export" / "adapter_model.safetensors")).values()} == {torch.bfloat16}
+    if ke.loaded.quantization == "none":
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # plain transformers + peft
+    else:
+        base = load_model(str(tiny_model_dir), "nf4", "cpu").model  # the same NF4 base, loaded afresh
+    served = PeftModel.from_pretrained(base, tmp_path / "export")
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = served(**encoded).logits[encoded.attention_mask.bool()].float()
+    # the adapter tensors are stored in bf16 for serving: that alone sets the tolerance here
+    assert (logits - stack).abs().max() <= 0.05
+    assert (logits.argmax(-1) == stack.argmax(-1)).float().mean() >= 0.95
+
+
+def test_export_refuses_rank_over_limit_and_compresses_on_request(stacked, tmp_path):
+    ke, _, _ = stacked
+    with pytest.raises(StoreError, match="rank 24 > max rank 16"):
+        ke.export("default", tmp_path / "e1", max_rank=16)
+    assert not (tmp_path / "e1").exists()
+    report = ke.export("default", tmp_path / "e2", max_rank=16, compress=True)
+    assert report["compressed"] and report["rank"] == 16 and 0 <= report["max_relative_error"] < 1
+
+
+def test_tampered_adapter_is_refused(stacked):
+    ke, _, _ = stacked
+    weights = ke.store().batch_dir("b2") / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    ke.use(None)  # unload, so the next use reads the batches from disk
+    with pytest.raises(IntegrityError, match="b2.*modified"):
+        ke.use("default")
+    assert any("b2" in p for p in ke.store().verify())
+
+
+def test_changed_adapter_config_is_refused(stacked):
+    ke, _, _ = stacked
+    path = ke.store().batch_dir("b1") / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["lora_alpha"] = 1000
+    path.write_text(json.dumps(config))
+    ke.use(None)
+    with pytest.raises(IntegrityError, match="adapter_config.json was modified"):
+        ke.use("default")
+
+
+def test_foreign_base_adapter_is_refused(stacked, other_model_dir):
+    ke, _, _ = stacked
+    other = KnowledgeEditor(load_model(str(other_model_dir), "none", "cpu"), ke.store_path)
+    assert other.fingerprint != ke.fingerprint
+    with pytest.raises(IntegrityError, match="made for another base model"):
+        other.use("default")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "a" * 101, "x.y"])
+def test_bad_names_are_refused(stacked, name):
+    ke, _, _ = stacked
+    before = (ke.store_path / "manifest.json").read_bytes()
+    with pytest.raises(StoreError, match="invalid"):
+        ke.edit([EditRequest("the capital of japan is", "rome")], name=name, progress=False)
+    with pytest.raises(StoreError, match="invalid"):
+        ke.store().rollback(name)
+    with pytest.raises(StoreError, match="invalid"):
+        ke.store().create_profile(name)
+    assert (ke.store_path / "manifest.json").read_bytes() == before
+
+
+def test_conflicting_edit_warns_and_records_superseded_batch(stacked):
+    ke, _, _ = stacked
+    with pytest.warns(UserWarning, match="already edited by b1"):
+        ke.edit([EditRequest(EDITS[0][0], "london")], name="b4", progress=False)
+    assert ke.store().edit_record("b4")["supersedes"] == ["b1"]
+
+
+def test_squash_refuses_variants_cat_mis_scales(stacked, tmp_path):
+    ke, _, _ = stacked
+    ke.use("default")
+    ke.model.peft_config["b2"].use_rslora = True
+    with pytest.raises(StoreError, match="rsLoRA"):
+        from kdpo_lora.serving import squash
+
+        squash(ke.model, ["b1", "b2"], tmp_path / "x")
+
+
+def test_gc_and_rm(stacked):
+    ke, _, _ = stacked
+    store = ke.store()
+    (store.root / ".staging-half").mkdir()
+    (store.root / "orphan").mkdir()
+    assert sorted(store.gc()) == [".staging-half", "orphan"]
+    with pytest.raises(StoreError, match="used by profile"):
+        store.remove_batch("b1")
+    store.rollback("b1")
+    store.remove_batch("b1")
+    assert "b1" not in [b.name for b in store.batches()] and not (store.root / "b1").exists()
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="no adapter store"):
+        AdapterStore(tmp_path / "nowhere")
+
+
+def test_symlink_escaping_the_store_is_refused(stacked, tmp_path):
+    ke, _, _ = stacked
+    store = ke.store()
+    outside = tmp_path / "outside"
+    shutil.move(str(store.batch_dir("b1")), outside)
+    (store.root / "b1").symlink_to(outside, target_is_directory=True)
+    ke.use(None)
+    with pytest.raises(IntegrityError, match="link"):
+        ke.use("default")
