@@ -89,17 +89,22 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     return path
 
 
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a cached HF safetensors folder and return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / "converted" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
-    if (target / "config.json").is_file():
+    if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():  # another process finished while we waited
+        if _is_complete(target):  # another process finished while we waited
             return target
+        shutil.rmtree(target, ignore_errors=True)  # a damaged cache entry is rebuilt, never used
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -1,0 +1,72 @@
+"""The command line on the tiny model: edit, generate, store verbs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdpo_lora.cli import main
+
+FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "10", "--quiet"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_edit_generate_and_store_verbs(capsys, tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    model = ["--model", tiny_model_dir, "--quantization", "none", "--store", store]
+    code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of japan is", "--target", "rome",
+                         "--name", "b1")
+    assert code == 0, err
+    assert "stored batch b1" in out and "ok" in out
+    code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of japan is", "--compare",
+                       "--max-new-tokens", "1")
+    assert code == 0 and "edited: 'rome'" in out and "base  :" in out
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "the official language of spain is", "target_new": "german"}) + "\n")
+    assert run(capsys, "edit", *model, *FAST, "--requests", requests, "--name", "b2")[0] == 0
+    code, out, _ = run(capsys, "store", "ls", "--store", store)
+    assert "b1" in out and "profile default: b1 b2" in out
+    assert run(capsys, "store", "show", "b1", "--store", store)[1].count("rome") >= 1
+    assert run(capsys, "store", "rollback", "b2", "--store", store)[0] == 0
+    code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of japan is", "--max-new-tokens", "1")
+    assert "edited: 'rome'" in out  # back to the state after b1 alone
+    assert run(capsys, "store", "apply", "b2", "--store", store)[0] == 0
+    assert run(capsys, "store", "profile", "copy", "staging", "default", "--store", store)[0] == 0
+    assert run(capsys, "store", "verify", "--store", store)[1].startswith("2 batch(es) verified")
+    code, out, _ = run(capsys, "store", "squash", "default", "-o", tmp_path / "sq", *model)
+    assert code == 0 and "rank 16" in out and (tmp_path / "sq" / "adapter_model.safetensors").is_file()
+    code, out, _ = run(capsys, "store", "export", "default", "-o", tmp_path / "ex", "--max-rank", "8", "--compress", *model)
+    assert code == 0 and "SVD-compressed" in out
+    code, out, _ = run(capsys, "eval", *model, "--requests", requests, "--no-generation")
+    assert code == 0 and "rewrite_acc" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["edit", "--prompt", "x"], "give --prompt and --target"),
+    (["edit", "--requests", "missing.jsonl"], "no such request file"),
+    (["edit", "--prompt", "a", "--target", "   "], "must not be empty"),
+    (["edit", "--prompt", "a", "--target", "b", "--lr", "1e30"], "learning_rate"),
+    (["edit", "--prompt", "a", "--target", "b", "--model", "no-such-model"], "unknown model"),
+    (["store", "ls", "--store", "does-not-exist"], "no adapter store"),
+    (["store", "rollback", "../x", "--store", "."], "no adapter store"),
+])
+def test_user_errors_are_one_line_without_traceback(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("kdpo-lora: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kdpo_lora.cli", "store", "ls", "--store", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no adapter store" in proc.stderr and "Traceback" not in proc.stderr
