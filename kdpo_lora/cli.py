@@ -274,14 +274,21 @@ def cmd_store(args) -> None:
 COMMANDS = {"edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store}
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         COMMANDS[args.command](args)
     except KdpoError as err:
-        print(f"kdpo-lora: error: {err}", file=sys.stderr)
+        print(f"kdpo-lora: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permission denied, ...: say what and where, nothing half-written
+        print(f"kdpo-lora: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kdpo-lora: interrupted; nothing from the interrupted step was stored", file=sys.stderr)
         return 130

@@ -109,10 +109,17 @@ def resolve_config(model_type: str | None = None, path: str | Path | None = None
         values.update(read_yaml(family))
     if path is not None:
         values.update(read_yaml(path))
+        _build(values, str(path))  # a bad file is an error even where flags override its values
     if overrides:
         values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "overrides"))
+    return _build(values, "settings")
+
+
+def _build(values: dict[str, Any], source: str) -> EditConfig:
     try:
         return EditConfig(**values)
     except TypeError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{source}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
