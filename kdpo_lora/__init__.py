@@ -1,5 +1,12 @@
 """kdpo-lora: edit facts of an LLM with KDPO into LoRA adapters on a 4-bit base, reversibly."""
 
+import logging as _logging
+
+# bitsandbytes warns at import that an optional CPU kernel package ("kernels") is missing; it is
+# optional and unused here (its packed path has no backward, see loading.py), so that one line is dropped.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
+
 from .config import EditConfig, resolve_config
 from .editor import BatchResult, Editor, RequestResult
 from .errors import ConfigError, IntegrityError, KdpoError, ModelLoadError, NumericalError, RequestError, StoreError

@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generation", action="store_true")
     p.add_argument("--out", help="write all rows as JSON here")
 
+    p = sub.add_parser("estimate", help="peak memory of one edit, from the model config alone (no weights)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="known shape (llama-3-8b, llama-2-7b), config.json, model folder, hub id or smollm2-135m")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--stacked", type=int, default=0, help="earlier edit batches active")
+    p.add_argument("--config", help="YAML file of edit settings (LoRA scope and rank)")
+    p.add_argument("--rank", type=int, dest="lora_rank")
+    p.add_argument("--json", action="store_true")
+
     store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
     ssub = store.add_subparsers(dest="action", required=True)
     for name, text in (("ls", "list batches and profiles"), ("verify", "check hashes and fingerprints"),
@@ -209,6 +218,26 @@ def cmd_eval(args) -> None:
         Path(args.out).write_text(json.dumps(report, indent=2))
 
 
+def cmd_estimate(args) -> None:
+    from .config import resolve_config
+    from .estimate import estimate, load_config
+
+    settings = resolve_config(getattr(load_config(args.model), "model_type", None), args.config,
+                              {"lora_rank": args.lora_rank})
+    report = estimate(args.model, settings, seq_len=args.seq_len, stacked=args.stacked)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.model}: {report['parameters'] / 1e9:.2f}B parameters, LoRA {report['lora_parameters'] / 1e6:.1f}M, "
+          f"sequence {args.seq_len} tokens")
+    for setup, key in (("kdpo-lora (NF4 + LoRA, adapter-off reference)", "kdpo_lora"),
+                       ("as published (fp32 + fp32 reference copy)", "published")):
+        print(f"  {setup}: {report[key + '_total_gib']:.2f} GiB")
+        for part, gib in report[key].items():
+            print(f"      {part:<24} {gib:8.3f} GiB")
+    print(f"  ratio: {report['ratio']:.3f} (estimate; add the CUDA context, about 0.3-0.5 GiB, on a GPU)")
+
+
 def cmd_store(args) -> None:
     from .store import AdapterStore
 
@@ -271,7 +300,8 @@ def cmd_store(args) -> None:
         print(f"profile {args.op}: {args.name}")
 
 
-COMMANDS = {"edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store}
+COMMANDS = {"edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store,
+            "estimate": cmd_estimate}
 
 
 def _one_line(err: Exception) -> str:

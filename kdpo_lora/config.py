@@ -32,6 +32,8 @@ class EditConfig:
     loss_threshold: float = 0.01
     margin: float = 0.0
     nll_weight: float = 0.0
+    preserve_weight: float = 0.0
+    preserve_prompts: int = 4
     lora_rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -48,11 +50,11 @@ class EditConfig:
                 raise ConfigError(f"{name}: must be a finite positive number, got {value!r}")
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
-        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens"):
+        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
-        for name in ("loss_threshold", "margin", "nll_weight", "lora_alpha"):
+        for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
@@ -77,7 +79,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("target_modules", "layers"):
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
-    for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "lora_alpha"):
+    for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha"):
         if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string
             try:
                 out[key] = float(out[key])

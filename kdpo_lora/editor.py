@@ -9,10 +9,12 @@ teacher-forced argmax; the batch stops when every row has. A fresh optimizer per
 from __future__ import annotations
 
 import math
+import random
 from contextlib import nullcontext
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -53,6 +55,32 @@ class BatchResult:
     @property
     def success_rate(self) -> float:
         return sum(r.success for r in self.results) / max(1, len(self.results))
+
+
+SUBJECTS_FILE = Path(__file__).resolve().parent / "data" / "preservation_subjects.txt"
+
+
+@dataclass
+class Preservation:
+    """Prompts whose next-token distribution must not move, and the reference's distribution on them."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    reference: torch.Tensor | None = None
+
+
+def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int) -> list[str]:
+    """Each request's prompt with its subject swapped for `count` unrelated subjects (none without a subject)."""
+    subjects = [line.strip() for line in SUBJECTS_FILE.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.startswith("#")]
+    prompts = []
+    for i, request in enumerate(requests):
+        if not request.subject or request.subject not in request.prompt:
+            continue
+        rng = random.Random(seed * 1_000_003 + i)
+        others = [s for s in subjects if s.lower() != request.subject.lower()]
+        prompts += [request.prompt.replace(request.subject, other) for other in rng.sample(others, count)]
+    return prompts
 
 
 def new_adapter_name() -> str:
@@ -115,7 +143,8 @@ class Editor:
             todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
             if not todo.any():
                 raise RequestError("the model already gives every target; nothing to edit")
-            cycles, steps, losses = self._train(batch, todo, cfg, name, earlier, progress)
+            preserve = self._preservation(requests, cfg, earlier)
+            cycles, steps, losses = self._train(batch, todo, cfg, name, earlier, progress, preserve)
             with torch.no_grad():
                 post = obj.target_log_probs(self.model, batch)
         except BaseException:
@@ -133,28 +162,46 @@ class Editor:
         ]
         return BatchResult(name, cfg, results, cycles, steps, time.perf_counter() - started, losses)
 
+    def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, earlier: list[str]) -> Preservation | None:
+        """Subject-swapped prompts and the reference's answers on them (fixed for the whole batch)."""
+        if cfg.preserve_weight <= 0:
+            return None
+        prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        if not prompts:
+            return None
+        encoded = self.tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding=True).to(self.device)
+        preserve = Preservation(encoded.input_ids, encoded.attention_mask)
+        with torch.no_grad(), adapters.only_adapters(self.model, earlier):
+            preserve.reference = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
+        return preserve
+
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
-               earlier: list[str], progress: bool) -> tuple[int, int, list[float]]:
+               earlier: list[str], progress: bool, preserve: Preservation | None = None) -> tuple[int, int, list[float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         mask = batch.target_mask & todo.unsqueeze(-1)
         losses: list[float] = []
         steps = 0
         bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
-        cycle = 0
+        cycles_run = 0
         for cycle in bar:
             log_probs = obj.target_log_probs(self.model, batch)
             rows_left = ~obj.solved_rows(log_probs, batch.labels, mask, cfg.margin)
             if not rows_left.any():
                 break
+            cycles_run += 1
             cycle_mask = mask & rows_left.unsqueeze(-1)
             negatives = self._negatives(log_probs, batch, cfg)
             with torch.no_grad(), adapters.only_adapters(self.model, earlier):
                 reference = self._reference(batch, negatives, cfg)
+            solved = False
             for step in range(cfg.steps_per_cycle):
                 if step > 0:
                     log_probs = obj.target_log_probs(self.model, batch)
-                loss = self._loss(log_probs, batch, negatives, cycle_mask, reference, cfg)
+                    solved = bool(obj.solved_rows(log_probs, batch.labels, mask, cfg.margin).all())
+                    if solved:  # every target token is the argmax: stop at once, not at the cycle's end
+                        break
+                loss = self._loss(log_probs, batch, negatives, cycle_mask, reference, cfg, preserve)
                 value = loss.detach().item()
                 if not math.isfinite(value):
                     raise NumericalError(f"the loss became {value} in cycle {cycle + 1}; no adapter was written "
@@ -170,9 +217,11 @@ class Editor:
                 steps += 1
             accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask)[todo].mean()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{float(accuracy):.2f}")
+            if solved:
+                break
         bar.close()
         optimizer.zero_grad(set_to_none=True)  # frozen from now on: keep no gradient memory
-        return cycle + 1, steps, losses
+        return cycles_run, steps, losses
 
     def _negatives(self, log_probs: torch.Tensor, batch: obj.TargetBatch, cfg: EditConfig) -> torch.Tensor | obj.TargetBatch:
         if cfg.method == "dpo":  # free-running greedy continuation of the prompt, scored under its own prefix
@@ -207,11 +256,19 @@ class Editor:
         return obj.gather(ref, batch.labels), obj.gather(ref, negatives)
 
     def _loss(self, log_probs: torch.Tensor, batch: obj.TargetBatch, negatives, mask: torch.Tensor,
-              reference, cfg: EditConfig) -> torch.Tensor:
+              reference, cfg: EditConfig, preserve: Preservation | None = None) -> torch.Tensor:
+        loss = self._edit_loss(log_probs, batch, negatives, mask, reference, cfg)
+        if preserve is not None:
+            policy = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
+            loss = loss + cfg.preserve_weight * obj.preservation_kl(policy, preserve.reference)
+        return loss
+
+    def _edit_loss(self, log_probs: torch.Tensor, batch: obj.TargetBatch, negatives, mask: torch.Tensor,
+                   reference, cfg: EditConfig) -> torch.Tensor:
         rows = mask.any(-1)
         if cfg.method == "sft":
-            return obj.nll(log_probs, batch.labels, mask)[rows].mean()
-        if cfg.method == "dpo":
+            loss = obj.nll(log_probs, batch.labels, mask)[rows].mean()
+        elif cfg.method == "dpo":
             neg_log_probs = obj.target_log_probs(self.model, negatives)
             pos = (obj.gather(log_probs, batch.labels) * batch.target_mask).sum(-1)
             neg = (obj.gather(neg_log_probs, negatives.labels) * negatives.target_mask).sum(-1)
@@ -219,7 +276,7 @@ class Editor:
         else:
             per_row, contributing = obj.kdpo_loss(log_probs, batch.labels, negatives, mask, *reference, cfg.beta)
             loss = per_row[contributing].mean()
-        if cfg.nll_weight > 0:
+        if cfg.nll_weight > 0 and cfg.method != "sft":
             loss = loss + cfg.nll_weight * obj.nll(log_probs, batch.labels, mask)[rows].mean()
         return loss
 

@@ -147,8 +147,12 @@ def resolve_source(source: str) -> str:
 
 
 def load_model(source: str = DEFAULT_MODEL, quantization: str = "nf4", device: str | None = None) -> LoadedModel:
-    """Load a causal LM for editing: one copy of the base weights, frozen."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """Load a causal LM for editing: one copy of the base weights, frozen.
+
+    NF4 models from local folders (the embedded default included) are quantised once and cached
+    as an NF4 checkpoint: later loads read 4-bit weights directly instead of the fp32 file.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
@@ -156,13 +160,14 @@ def load_model(source: str = DEFAULT_MODEL, quantization: str = "nf4", device: s
     compute_dtype = torch.bfloat16 if chosen.type == "cuda" else torch.float32
     resolved = resolve_source(source)
     kwargs: dict = {"dtype": compute_dtype}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=False,
-        )
-        kwargs["device_map"] = {"": chosen.index or 0} if chosen.type == "cuda" else {"": "cpu"}
     try:
+        if quantization == "nf4":
+            kwargs["device_map"] = {"": chosen.index or 0} if chosen.type == "cuda" else {"": "cpu"}
+            cached = quantized_checkpoint(resolved, compute_dtype, chosen)
+            if cached is not None:
+                resolved = str(cached)
+            else:
+                kwargs["quantization_config"] = nf4_config(compute_dtype)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except OSError as err:
@@ -170,6 +175,48 @@ def load_model(source: str = DEFAULT_MODEL, quantization: str = "nf4", device: s
     if quantization == "none":
         model.to(chosen)
     return LoadedModel(prepare_model(model), prepare_tokenizer(tokenizer), source, quantization, chosen)
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=False)
+
+
+def quantized_checkpoint(resolved: str, compute_dtype: torch.dtype, device: torch.device) -> Path | None:
+    """The cached NF4 checkpoint of a local model folder, made on first use (None for hub ids)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return None
+    key = json.dumps([str(folder.resolve()), [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights],
+                      str(compute_dtype), device.type])
+    target = cache_dir() / "nf4" / f"{folder.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _is_complete(target):
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=compute_dtype, device_map=device_map,
+                                                         quantization_config=nf4_config(compute_dtype))
+            disable_cpu_fast_path(model)  # never save weights in bitsandbytes' packed CPU layout
+            model.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(folder).save_pretrained(staging)
+            del model
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -158,3 +158,16 @@ def kdpo_loss(log_probs: torch.Tensor, labels: torch.Tensor, negatives: torch.Te
 def nll(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean negative log-likelihood of the target tokens (the SFT objective)."""
     return -(gather(log_probs, labels) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def next_token_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of the next token after each left-padded prompt: [B, V]."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+                use_cache=False)
+    return F.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+
+def preservation_kl(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || policy) of next-token distributions: how far unrelated answers moved."""
+    return (reference.exp() * (reference - policy)).sum(-1).mean()

@@ -62,6 +62,27 @@ def squash(model: PeftModel, names: Sequence[str], out_dir: Path, base_model_nam
     return rank
 
 
+def fold(model: PeftModel, names: Sequence[str], folded_name: str) -> bool:
+    """Replace the frozen adapters `names` by one exact concatenation of them, in memory.
+
+    N separate active adapters cost N small matmuls per layer; one folded adapter costs one, so
+    editing and generation stay fast as edits pile up. Returns False (nothing changed) for adapter
+    variants that cannot be concatenated exactly.
+    """
+    try:
+        check_squashable(model, names)
+    except StoreError:
+        return False
+    model.add_weighted_adapter(list(names), [1.0] * len(names), adapter_name=folded_name, combination_type="cat")
+    for name in names:
+        model.delete_adapter(name)
+    model.base_model.set_adapter([folded_name])
+    model.active_adapter = folded_name
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return True
+
+
 def export_for_serving(folder: Path, base_model_name: str, max_rank: int = 64, compress: bool = False,
                        dtype: torch.dtype = torch.bfloat16) -> dict:
     """Rewrite a squashed adapter folder for servers (vLLM and others) in place; returns a report.

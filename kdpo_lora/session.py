@@ -25,8 +25,10 @@ from .errors import StoreError
 from .evaluate import evaluate_request, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
 from .requests import EditRequest
-from .serving import export_for_serving, squash
+from .serving import export_for_serving, fold, squash
 from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
+
+FOLDED = ("kdpo_stack_a", "kdpo_stack_b")  # in-memory names of a profile's folded batches (reserved prefix)
 
 
 class KnowledgeEditor:
@@ -34,13 +36,15 @@ class KnowledgeEditor:
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, store: str | Path = "adapters",
                  quantization: str = "nf4", device: str | None = None, config: str | Path | None = None,
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, fold_stack: bool = True):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, quantization, device)
         self.store_path = Path(store)
         model_type = getattr(self.loaded.model.config, "model_type", None)
         self.editor = Editor(self.loaded.model, self.loaded.tokenizer, resolve_config(model_type, config, overrides))
         self.fingerprint = self.loaded.fingerprint
         self.active_profile: str | None = None
+        self.fold_stack = fold_stack
+        self._materialised: tuple[str, ...] = ()  # the batches the adapters in memory add up to
 
     # ------------------------------------------------------------------ plumbing
 
@@ -60,20 +64,34 @@ class KnowledgeEditor:
         return EMBEDDED_HUB_IDS.get(self.loaded.source, self.loaded.source)
 
     def use(self, profile: str | None) -> list[str]:
-        """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading."""
+        """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading.
+
+        With `fold_stack`, a profile of several batches is held as one exact concatenated adapter,
+        so the cost of a step or a generated token does not grow with the number of edits.
+        """
         names = [] if profile is None else self.store().profile(profile)
-        store = self.store() if names else None
-        for name in names:
-            if name not in adapters.adapter_names(self.editor.model):
+        loaded = set(adapters.adapter_names(self.editor.model))
+        if tuple(names) != self._materialised or loaded != set(self.editor.stack):
+            for loaded in adapters.adapter_names(self.editor.model):  # rebuild from the verified files
+                self.editor.model = adapters.delete_adapter(self.editor.model, loaded)
+            store = self.store() if names else None
+            for name in names:
                 folder = store.verify_batch(name, self.fingerprint)
                 self.editor.model = adapters.load_adapter(self.editor.model, name, folder)
-        for name in adapters.adapter_names(self.editor.model):
-            if name not in names:  # keep memory flat: unload what this profile does not serve
-                self.editor.model = adapters.delete_adapter(self.editor.model, name)
-        adapters.set_active(self.editor.model, names)
-        self.editor.stack = list(names)
+            self.editor.stack = list(names)
+            self._materialised = tuple(names)
+        self._fold_active()
+        adapters.set_active(self.editor.model, self.editor.stack)
         self.active_profile = profile
         return names
+
+    def _fold_active(self) -> None:
+        stack = self.editor.stack
+        if not self.fold_stack or len(stack) < 2:
+            return
+        target = FOLDED[0] if FOLDED[0] not in stack else FOLDED[1]
+        if fold(self.editor.model, stack, target):
+            self.editor.stack = [target]
 
     # ------------------------------------------------------------------ editing
 
@@ -104,6 +122,7 @@ class KnowledgeEditor:
         except BaseException:
             self.editor.remove(name)
             raise
+        self._materialised += (name,)
         self.active_profile = profile
         return result
 
@@ -139,21 +158,21 @@ class KnowledgeEditor:
 
     def squash(self, profile: str, out_dir: str | Path) -> int:
         """One adapter folder equal to `profile`'s whole stack; returns its rank."""
-        names = self.use(profile)
+        self.use(profile)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"
-            rank = squash(self.model, names, staging, self.base_model_name)
+            rank = squash(self.model, self.editor.stack, staging, self.base_model_name)
             _publish(staging, out)
         return rank
 
     def export(self, profile: str, out_dir: str | Path, max_rank: int = 64, compress: bool = False) -> dict:
         """A squashed adapter that LoRA servers (vLLM, PeftModel.from_pretrained) load as it is."""
-        names = self.use(profile)
+        self.use(profile)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"
-            squash(self.model, names, staging, self.base_model_name)
+            squash(self.model, self.editor.stack, staging, self.base_model_name)
             report = export_for_serving(staging, self.base_model_name, max_rank, compress)
             _publish(staging, out)
         return report

@@ -40,6 +40,7 @@ CHECKSUMS = "checksums.json"
 BATCH_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDIT_FILE)
 DEFAULT_PROFILE = "default"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+RESERVED_PREFIX = "kdpo_"  # in-memory adapters (folded stacks, squash output)
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -48,6 +49,8 @@ def check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise StoreError(f"invalid {what} {name!r}: use letters, digits, '-' and '_' (at most 100), "
                          f"starting with a letter or digit")
+    if name.startswith(RESERVED_PREFIX):
+        raise StoreError(f"invalid {what} {name!r}: names starting with {RESERVED_PREFIX!r} are reserved")
     return name
 
 

@@ -70,6 +70,17 @@ def test_squash_equals_the_stack(stacked, tmp_path):
     assert (stack - _logits(ke, None)).abs().max() > 1e-3  # the edits are not a no-op
 
 
+def test_folded_stack_equals_separate_adapters(stacked):
+    ke, names, tol = stacked
+    folded = _logits(ke, "default")
+    assert len(ke.editor.stack) == 1 and ke.editor.stack[0].startswith("kdpo_stack")
+    ke.fold_stack = False
+    ke.use(None)
+    separate = _logits(ke, "default")
+    assert ke.editor.stack == names
+    assert (folded - separate).abs().max() <= tol
+
+
 def test_rollback_last_restores_previous_logits_exactly(stacked):
     ke, names, tol = stacked
     ke.store().create_profile("first-two", names[:2])
@@ -170,7 +181,7 @@ def test_foreign_base_adapter_is_refused(stacked, other_model_dir):
         other.use("default")
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "a" * 101, "x.y"])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "a" * 101, "x.y", "kdpo_stack_a"])
 def test_bad_names_are_refused(stacked, name):
     ke, _, _ = stacked
     before = (ke.store_path / "manifest.json").read_bytes()
@@ -192,6 +203,8 @@ def test_conflicting_edit_warns_and_records_superseded_batch(stacked):
 
 def test_squash_refuses_variants_cat_mis_scales(stacked, tmp_path):
     ke, _, _ = stacked
+    ke.fold_stack = False
+    ke.use(None)
     ke.use("default")
     ke.model.peft_config["b2"].use_rslora = True
     with pytest.raises(StoreError, match="rsLoRA"):
