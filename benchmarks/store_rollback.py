@@ -42,18 +42,22 @@ def main() -> None:
         ke = KnowledgeEditor(load_model(args.model, args.quantization), store, overrides=overrides(args.set))
         all_prompts = [r.prompt for r in requests]
         unedited = ke.generate(all_prompts, None, max_new_tokens=8)
+        unedited_first = ke.generate(all_prompts, None, max_new_tokens=1)
         names = [ke.edit(batch, progress=False).adapter for batch in batches]
         before = [holds(ke, batch) for batch in batches]
         ke.rollback(names[1])
         after = [holds(ke, batch) for batch in batches]
         generated = ke.generate(all_prompts, "default", max_new_tokens=8)
+        first = ke.generate(all_prompts, "default", max_new_tokens=1)
         lo, hi = args.batch_size, 2 * args.batch_size
         reverted = sum(g == u for g, u in zip(generated[lo:hi], unedited[lo:hi])) / args.batch_size
+        reverted_first = sum(g == u for g, u in zip(first[lo:hi], unedited_first[lo:hi])) / args.batch_size
         ke.apply(names[1])
         reapplied = [holds(ke, batch) for batch in batches]
         verify = ke.store().verify(ke.fingerprint)
     summary = {"batch_size": args.batch_size, "held_before_rollback": before, "held_after_rollback_of_2": after,
-               "batch2_reverted_to_unedited_generation": reverted, "held_after_reapply": reapplied,
+               "batch2_same_8_token_generation_as_unedited": reverted,
+               "batch2_same_first_answer_token_as_unedited": reverted_first, "held_after_reapply": reapplied,
                "verify_problems": len(verify)}
     print("summary:", summary)
     write(args.out, {"command": " ".join(sys.argv), "summary": summary})

@@ -53,7 +53,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of edit settings")
-    p.add_argument("--method", choices=["kdpo", "dpo", "sft"])
+    p.add_argument("--method", choices=["kdpo", "dpo", "sft", "kdpo_free"])
     p.add_argument("--lr", type=float, dest="learning_rate")
     p.add_argument("--cycles", type=int)
     p.add_argument("--steps", type=int, dest="steps_per_cycle")

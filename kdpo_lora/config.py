@@ -17,7 +17,7 @@ import yaml
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-METHODS = ("kdpo", "dpo", "sft")
+METHODS = ("kdpo", "dpo", "sft", "kdpo_free")  # kdpo_free: KDPO without teacher forcing (ablation)
 
 
 @dataclass(frozen=True)

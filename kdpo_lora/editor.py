@@ -226,6 +226,8 @@ class Editor:
     def _negatives(self, log_probs: torch.Tensor, batch: obj.TargetBatch, cfg: EditConfig) -> torch.Tensor | obj.TargetBatch:
         if cfg.method == "dpo":  # free-running greedy continuation of the prompt, scored under its own prefix
             return self._greedy_negative_batch(batch)
+        if cfg.method == "kdpo_free":  # the same free-running tokens, but scored under the positive prefix
+            return self._greedy_negative_batch(batch).labels
         return obj.teacher_forced_negative(log_probs, batch.labels, cfg.margin)
 
     def _greedy_negative_batch(self, batch: obj.TargetBatch) -> obj.TargetBatch:

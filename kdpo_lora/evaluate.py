@@ -8,14 +8,18 @@ Metrics (see README for their provenance):
 - `portability`: teacher-forced token accuracy of each portability probe's answer;
 - `gen_efficacy` / `gen_paraphrase`: the greedy generation starts with target_new (no teacher forcing);
 - CounterFact `efficacy_score` / `paraphrase_score` / `neighborhood_score`: P(new) > P(true), and
-  for neighbours P(true) > P(new), compared as mean per-token log-probs.
+  for neighbours P(true) > P(new), compared as mean per-token log-probs;
+- `fluency`: weighted bi/tri-gram entropy (weights 2/3, 4/3, as ROME and EasyEdit) of top-k 5
+  samples from the edit prompt (words split on whitespace and punctuation, where they use NLTK).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
-from statistics import mean
+from statistics import harmonic_mean, mean
 from typing import Iterable, Sequence
 
 import torch
@@ -135,6 +139,9 @@ def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[
     portability = _score_pairs(model, tokenizer, probes.portability)
     if portability:
         result["portability"] = mean(token_accuracy(r) for r in portability)
+        for kind in sorted({p.type for p in request.portability if p.type}):
+            rows = [token_accuracy(r) for r, p in zip(portability, request.portability) if p.type == kind]
+            result[f"portability_{kind}"] = mean(rows)
     if probes.true_edit:  # CounterFact probability comparisons
         true_edit = _score_pairs(model, tokenizer, [probes.true_edit])[0]
         result["efficacy_score"] = float(edit["mean_logprob"] > true_edit["mean_logprob"])
@@ -156,14 +163,38 @@ def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[
     return result
 
 
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency measure of one text: weighted mean of its n-gram entropies (bits)."""
+    words = re.findall(r"\w+|[^\w\s]", text)
+    entropies = []
+    for n, weight in zip(ns, weights):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        entropies.append(entropy * weight)
+    return mean(entropies)
+
+
+@torch.no_grad()
+def fluency(model, tokenizer, prompts: Sequence[str], samples: int = 2, max_new_tokens: int = 60, seed: int = 0) -> float:
+    """Mean n-gram entropy of top-k 5 samples: low values mean repetitive, degenerate text."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    encoded = tokenizer([p.rstrip() for p in prompts for _ in range(samples)], return_tensors="pt",
+                        padding=True).to(device)
+    out = model.generate(**encoded, do_sample=True, top_k=5, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+    return mean(ngram_entropy(t) for t in texts)
+
+
 def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Mean of every metric over the requests that have it, plus the CounterFact harmonic mean."""
     keys = sorted({k for row in rows for k in row})
     summary = {k: mean(row[k] for row in rows if k in row) for k in keys}
-    parts = [summary.get(k) for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
-    if all(p is not None and p > 0 for p in parts):
-        summary["cf_score"] = len(parts) / sum(1 / p for p in parts)
-    parts = [summary.get(k) for k in ("edit_success", "rephrase_acc", "locality")]
-    if all(p is not None and p > 0 for p in parts):
-        summary["hmean_success_gen_loc"] = len(parts) / sum(1 / p for p in parts)
+    for name, keys in (("cf_score", ("efficacy_score", "paraphrase_score", "neighborhood_score")),
+                       ("hmean_success_gen_loc", ("edit_success", "rephrase_acc", "locality"))):
+        parts = [summary.get(k) for k in keys]
+        if all(p is not None for p in parts):
+            summary[name] = harmonic_mean(parts)
     return summary

@@ -1,0 +1,45 @@
+"""Plot edit success, generalisation and locality against the number of edits applied, per method.
+
+    python benchmarks/plot_quality.py benchmarks/results/q_*.json -o benchmarks/quality_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (("edit_success", "edit success"), ("rephrase_acc", "generalisation (rephrase)"), ("locality", "locality"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("results", nargs="+")
+    p.add_argument("-o", "--out", default="benchmarks/quality_curves.png")
+    args = p.parse_args()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.2))
+    for path in args.results:
+        data = json.loads(Path(path).read_text())
+        label = f"{data['method']} (batch {data['batch']}, {Path(data['data']).stem})"
+        xs = [point["edits"] for point in data["curve"]]
+        for ax, (key, _) in zip(axes, PANELS):
+            ax.plot(xs, [point.get(key, float("nan")) for point in data["curve"]], marker="o", label=label)
+    for ax, (_, title) in zip(axes, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Sequential editing, SmolLM2-135M NF4 (CPU): all requests edited so far, scored at each point")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

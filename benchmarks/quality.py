@@ -1,0 +1,99 @@
+"""Sequential editing quality: N requests edited in batches of b, scored right after each batch,
+at checkpoints (the curve for the plot) and after the last edit (the papers' convention).
+
+    python benchmarks/quality.py --method kdpo --n 100 --batch 10 --out benchmarks/results/q_kdpo_cf_100x10.json
+    python benchmarks/quality.py --method published --n 100 --batch 1 ...   # the authors' set-up (dense layer)
+
+Methods: kdpo, dpo, sft, kdpo_free (KDPO without teacher forcing) - all on the same LoRA set-up
+through the adapter store - and `published` (fp32, one dense MLP down-projection, deep-copied
+reference; see published_kdpo.py). Locality is always measured against the unedited model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import overrides, parser, write  # noqa: E402
+from kdpo_lora.errors import RequestError  # noqa: E402
+from kdpo_lora.evaluate import evaluate_request, fluency, pre_edit_locality, summarise  # noqa: E402
+from kdpo_lora.loading import load_model  # noqa: E402
+from kdpo_lora.requests import read_requests  # noqa: E402
+from kdpo_lora.session import KnowledgeEditor  # noqa: E402
+
+CURVE_KEYS = ("edit_success", "rephrase_acc", "locality")
+
+
+def score(model, tokenizer, requests, pre, generation: bool) -> list[dict]:
+    return [evaluate_request(model, tokenizer, r, p, generation) for r, p in zip(requests, pre)]
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--method", default="kdpo", choices=["kdpo", "dpo", "sft", "kdpo_free", "published"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--checkpoints", type=int, default=5, help="curve points over the run")
+    p.add_argument("--no-generation", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    requests = read_requests(args.data)[: args.n]
+    settings = overrides(args.set)
+    published = args.method == "published"
+    if not published:
+        settings["method"] = args.method
+    loaded = load_model(args.model, "none" if published else args.quantization)
+    tokenizer = loaded.tokenizer
+    with tempfile.TemporaryDirectory() as store:
+        ke = None if published else KnowledgeEditor(loaded, store, overrides=settings)
+        model = lambda: loaded.model if published else ke.model  # noqa: E731
+        pre = pre_edit_locality(model(), tokenizer, requests)
+        fluency_before = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
+        right_after, curve, seconds, skipped = [], [], [], 0
+        every = max(args.batch, (args.n // args.checkpoints) // args.batch * args.batch)
+        for start in range(0, len(requests), args.batch):
+            batch = requests[start:start + args.batch]
+            began = time.perf_counter()
+            if published:
+                from benchmarks.published_kdpo import published_edit
+
+                for r in batch:
+                    published_edit(loaded.model, tokenizer, r.prompt, r.target_new, **_published_args(settings))
+            else:
+                try:
+                    ke.edit(batch, progress=False)
+                except RequestError:
+                    skipped += len(batch)
+                    continue
+            seconds.append(time.perf_counter() - began)
+            right_after += score(model(), tokenizer, batch, pre[start:start + args.batch], generation=False)
+            done = start + len(batch)
+            if done % every == 0 or done == len(requests):
+                rows = score(model(), tokenizer, requests[:done], pre[:done], generation=False)
+                point = {"edits": done, **{k: v for k, v in summarise(rows).items() if k in CURVE_KEYS}}
+                curve.append(point)
+                print(f"[{args.method}] {point}", flush=True)
+        final = summarise(score(model(), tokenizer, requests, pre, generation=not args.no_generation))
+        final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
+        final["fluency_before"] = fluency_before
+    summary = {"final": final, "right_after_each_edit": summarise(right_after), "curve": curve,
+               "median_seconds_per_batch": statistics.median(seconds), "skipped_already_satisfied": skipped}
+    print("final:", {k: round(v, 4) for k, v in final.items()})
+    print("right after:", {k: round(v, 4) for k, v in summary["right_after_each_edit"].items()})
+    write(args.out, {"command": " ".join(sys.argv), "method": args.method, "n": args.n, "batch": args.batch,
+                     "data": args.data, "settings": settings, **summary})
+
+
+def _published_args(settings: dict) -> dict:
+    keys = {"cycles": "cycles", "steps_per_cycle": "steps", "learning_rate": "lr", "beta": "beta"}
+    return {keys[k]: v for k, v in settings.items() if k in keys}
+
+
+if __name__ == "__main__":
+    main()

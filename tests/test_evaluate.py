@@ -1,0 +1,49 @@
+"""The evaluation harness on the tiny model: metric definitions checked against direct computation."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdpo_lora.config import EditConfig
+from kdpo_lora.editor import Editor
+from kdpo_lora.evaluate import (
+    evaluate_request, fluency, generation_matches, ngram_entropy, pre_edit_locality, score_targets, summarise,
+)
+from kdpo_lora.requests import EditRequest, Probe
+
+REQUEST = EditRequest(
+    "the capital of japan is", "rome", subject="japan", target_true="tokyo",
+    rephrase_prompts=("the capital city of japan is",),
+    locality=(Probe("the capital of france is", "paris", "neighborhood"),
+              Probe("the official language of spain is", "spanish", "neighborhood")),
+    portability=(Probe("the capital of japan is located in", "italy", "one_hop"),),
+)
+
+
+def test_unedited_model_has_perfect_locality_and_consistent_scores(tiny_model, tokenizer):
+    pre = pre_edit_locality(tiny_model, tokenizer, [REQUEST])
+    row = evaluate_request(tiny_model, tokenizer, REQUEST, pre[0])
+    assert row["locality"] == 1.0
+    scored = score_targets(tiny_model, tokenizer, [REQUEST.prompt], [REQUEST.target_new])[0]
+    assert row["edit_success"] == float(scored["argmax"] == scored["target"])
+    assert row["gen_efficacy"] == float(generation_matches(tiny_model, tokenizer, [REQUEST.prompt], ["rome"])[0])
+    assert {"rephrase_acc", "portability", "portability_one_hop", "efficacy_score", "paraphrase_score",
+            "neighborhood_score"} <= set(row)
+
+
+def test_after_an_edit_efficacy_and_generation_hold(tiny_model, tokenizer):
+    pre = pre_edit_locality(tiny_model, tokenizer, [REQUEST])
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0))
+    editor.edit([REQUEST], progress=False)
+    row = evaluate_request(editor.model, tokenizer, REQUEST, pre[0])
+    assert row["edit_success"] == row["rewrite_acc"] == row["efficacy_score"] == row["gen_efficacy"] == 1.0
+    summary = summarise([row, row])
+    assert summary["edit_success"] == 1.0 and 0 <= summary["cf_score"] <= 1
+
+
+def test_ngram_entropy_and_fluency(tiny_model, tokenizer):
+    assert ngram_entropy("a a a a a a") == 0.0
+    varied = ngram_entropy("the quick brown fox jumps over the lazy dog and runs far away")
+    assert varied > ngram_entropy("the dog the dog the dog the dog the dog the dog") > 0
+    assert varied == pytest.approx((2 / 3 * 3.7004397 + 4 / 3 * 3.5849625) / 2, rel=1e-5)
+    assert fluency(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10) >= 0
