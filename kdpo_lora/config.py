@@ -34,6 +34,7 @@ class EditConfig:
     nll_weight: float = 0.0
     preserve_weight: float = 0.0
     preserve_prompts: int = 4
+    replay: int = 0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -50,10 +51,11 @@ class EditConfig:
                 raise ConfigError(f"{name}: must be a finite positive number, got {value!r}")
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
-        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts"):
+        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "replay" else 1):
+                raise ConfigError(f"{name}: must be a {'non-negative' if name == 'replay' else 'positive'} integer, "
+                                  f"got {value!r}")
         for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

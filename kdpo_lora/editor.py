@@ -119,10 +119,12 @@ class Editor:
     # ------------------------------------------------------------------ the loop
 
     def edit(self, requests: Sequence[EditRequest], name: str | None = None, config: EditConfig | None = None,
-             progress: bool = True) -> BatchResult:
+             progress: bool = True, replay: Sequence[str] = ()) -> BatchResult:
         """Train one new adapter that writes every request; it joins the active stack when done.
 
-        Raises `RequestError` if the model already satisfies every request (nothing to edit), and
+        `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
+        preserved like the subject-swapped prompts. Raises `RequestError` if the model already
+        satisfies every request (nothing to edit), and
         `NumericalError` (removing the half-trained adapter) on a NaN/inf loss or gradient.
         """
         cfg = config or self.config
@@ -143,7 +145,7 @@ class Editor:
             todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
             if not todo.any():
                 raise RequestError("the model already gives every target; nothing to edit")
-            preserve = self._preservation(requests, cfg, earlier)
+            preserve = self._preservation(requests, cfg, earlier, replay)
             cycles, steps, losses = self._train(batch, todo, cfg, name, earlier, progress, preserve)
             with torch.no_grad():
                 post = obj.target_log_probs(self.model, batch)
@@ -162,11 +164,14 @@ class Editor:
         ]
         return BatchResult(name, cfg, results, cycles, steps, time.perf_counter() - started, losses)
 
-    def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, earlier: list[str]) -> Preservation | None:
-        """Subject-swapped prompts and the reference's answers on them (fixed for the whole batch)."""
+    def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, earlier: list[str],
+                      replay: Sequence[str] = ()) -> Preservation | None:
+        """Subject-swapped (and replayed) prompts and the reference's answers on them, fixed for the batch."""
         if cfg.preserve_weight <= 0:
             return None
+        edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        prompts += [p for p in replay if " ".join(p.split()).lower() not in edited]
         if not prompts:
             return None
         encoded = self.tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding=True).to(self.device)

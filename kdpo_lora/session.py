@@ -106,7 +106,8 @@ class KnowledgeEditor:
         self.use(profile if profile in store.profiles() else None)
         superseded = store.superseded(requests, profile)
         warn_superseded(superseded)
-        result = self.editor.edit(requests, name=name, config=config, progress=progress)
+        result = self.editor.edit(requests, name=name, config=config, progress=progress,
+                                  replay=self._replay_prompts(store, profile, config or self.config))
         record = {
             "requests": [r.to_dict() for r in requests],
             "config": result.config.to_dict(),
@@ -125,6 +126,17 @@ class KnowledgeEditor:
         self._materialised += (name,)
         self.active_profile = profile
         return result
+
+    def _replay_prompts(self, store: AdapterStore, profile: str, config: EditConfig) -> list[str]:
+        """Prompts of the facts most recently edited in `profile` (up to `config.replay`)."""
+        if config.replay <= 0 or profile not in store.profiles():
+            return []
+        prompts: list[str] = []
+        for batch in reversed(store.profile(profile)):
+            prompts += [r.prompt for r in store.requests_of(batch)]
+            if len(prompts) >= config.replay:
+                break
+        return prompts[: config.replay]
 
     def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
         self.store().rollback(batch, profile)

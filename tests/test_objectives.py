@@ -189,3 +189,36 @@ def test_baselines_run_behind_the_same_interface(tiny_model, tokenizer, method):
     assert all(r.success for r in result.results)
     if method != "sft":
         assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_preservation_prompts_swap_the_subject():
+    from kdpo_lora.editor import preservation_prompts
+
+    request = EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
+    prompts = preservation_prompts([request, EditRequest("no subject here", "x")], count=3, seed=0)
+    assert len(prompts) == 3 and len(set(prompts)) == 3
+    assert all(p.startswith("The mother tongue of ") and "Danielle" not in p for p in prompts)
+    assert prompts == preservation_prompts([request], count=3, seed=0)  # seeded
+
+
+def test_preservation_term_keeps_unrelated_answers_closer(tokenizer):
+    from kdpo_lora.loading import prepare_model
+
+    from conftest import make_model
+
+    request = EditRequest("the capital of japan is", "rome", subject="japan")
+    probes = ["the capital of france is", "the capital of spain is", "the capital of italy is"]
+    drift = {}
+    for weight in (0.0, 5.0):
+        model = prepare_model(make_model())
+        with torch.no_grad():
+            enc = tokenizer(probes, return_tensors="pt", padding=True)
+            before = obj.next_token_log_probs(model, enc.input_ids, enc.attention_mask)
+        editor = Editor(model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0, preserve_weight=weight,
+                                                     preserve_prompts=8))
+        result = editor.edit([request], progress=False)
+        assert result.results[0].success and result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+        with torch.no_grad():
+            after = obj.next_token_log_probs(editor.model, enc.input_ids, enc.attention_mask)
+        drift[weight] = float(obj.preservation_kl(after, before))
+    assert drift[5.0] < drift[0.0]
