@@ -190,7 +190,7 @@ class Editor:
         bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
         cycles_run = 0
         for cycle in bar:
-            log_probs = obj.target_log_probs(self.model, batch)
+            log_probs, kept = self._forward(batch, preserve)
             rows_left = ~obj.solved_rows(log_probs, batch.labels, mask, cfg.margin)
             if not rows_left.any():
                 break
@@ -202,11 +202,11 @@ class Editor:
             solved = False
             for step in range(cfg.steps_per_cycle):
                 if step > 0:
-                    log_probs = obj.target_log_probs(self.model, batch)
+                    log_probs, kept = self._forward(batch, preserve)
                     solved = bool(obj.solved_rows(log_probs, batch.labels, mask, cfg.margin).all())
                     if solved:  # every target token is the argmax: stop at once, not at the cycle's end
                         break
-                loss = self._loss(log_probs, batch, negatives, cycle_mask, reference, cfg, preserve)
+                loss = self._loss(log_probs, batch, negatives, cycle_mask, reference, cfg, preserve, kept)
                 value = loss.detach().item()
                 if not math.isfinite(value):
                     raise NumericalError(f"the loss became {value} in cycle {cycle + 1}; no adapter was written "
@@ -262,12 +262,18 @@ class Editor:
                     (obj.gather(ref_neg, negatives.labels) * negatives.target_mask).sum(-1))
         return obj.gather(ref, batch.labels), obj.gather(ref, negatives)
 
+    def _forward(self, batch: obj.TargetBatch, preserve: Preservation | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target log-probs, and (in the same pass) the preservation prompts' next-token log-probs."""
+        if preserve is None:
+            return obj.target_log_probs(self.model, batch), None
+        return obj.joint_log_probs(self.model, batch, preserve.input_ids, preserve.attention_mask)
+
     def _loss(self, log_probs: torch.Tensor, batch: obj.TargetBatch, negatives, mask: torch.Tensor,
-              reference, cfg: EditConfig, preserve: Preservation | None = None) -> torch.Tensor:
+              reference, cfg: EditConfig, preserve: Preservation | None = None,
+              kept: torch.Tensor | None = None) -> torch.Tensor:
         loss = self._edit_loss(log_probs, batch, negatives, mask, reference, cfg)
         if preserve is not None:
-            policy = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
-            loss = loss + cfg.preserve_weight * obj.preservation_kl(policy, preserve.reference)
+            loss = loss + cfg.preserve_weight * obj.preservation_kl(kept, preserve.reference)
         return loss
 
     def _edit_loss(self, log_probs: torch.Tensor, batch: obj.TargetBatch, negatives, mask: torch.Tensor,

@@ -33,6 +33,7 @@ class TargetBatch:
     labels: torch.Tensor  # [B, K]: the last K tokens of every row
     target_mask: torch.Tensor  # [B, K] bool: True where labels are target tokens
     prompt_lengths: list[int]
+    pad_id: int
 
     @property
     def num_targets(self) -> int:
@@ -89,6 +90,7 @@ def collate(prompts: list[list[int]], targets: list[list[int]], pad_id: int, dev
         labels=input_ids[:, width - k:].to(device),
         target_mask=target_mask.to(device),
         prompt_lengths=[len(p) for p in prompts],
+        pad_id=pad_id,
     )
 
 
@@ -158,6 +160,28 @@ def kdpo_loss(log_probs: torch.Tensor, labels: torch.Tensor, negatives: torch.Te
 def nll(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean negative log-likelihood of the target tokens (the SFT objective)."""
     return -(gather(log_probs, labels) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def joint_log_probs(model: torch.nn.Module, batch: TargetBatch, extra_ids: torch.Tensor,
+                    extra_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_log_probs` of `batch` and the next-token log-probs of extra prompts, in ONE forward pass.
+
+    Small-batch forward passes are bound by reading the weights (and dequantising them, for NF4),
+    so scoring the extra rows in the same pass costs little; the left padding keeps both aligned.
+    """
+    width = max(batch.input_ids.shape[1], extra_ids.shape[1])
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (width - t.shape[1], 0), value=value)
+
+    input_ids = torch.cat([pad(batch.input_ids, batch.pad_id), pad(extra_ids, batch.pad_id)])
+    attention_mask = torch.cat([pad(batch.attention_mask, 0), pad(extra_mask, 0)])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=batch.num_targets + 1, use_cache=False)
+    log_probs = F.log_softmax(out.logits.float(), dim=-1)
+    rows = batch.input_ids.shape[0]
+    return log_probs[:rows, :-1], log_probs[rows:, -1]
 
 
 def next_token_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

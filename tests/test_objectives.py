@@ -222,3 +222,13 @@ def test_preservation_term_keeps_unrelated_answers_closer(tokenizer):
             after = obj.next_token_log_probs(editor.model, enc.input_ids, enc.attention_mask)
         drift[weight] = float(obj.preservation_kl(after, before))
     assert drift[5.0] < drift[0.0]
+
+
+def test_joint_forward_equals_separate_forwards(tiny_model, tokenizer):
+    batch, _ = _batch(tokenizer, PAIRS)
+    extra = tokenizer(["the capital of france is", "of"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        targets, nxt = obj.joint_log_probs(tiny_model, batch, extra.input_ids, extra.attention_mask)
+        torch.testing.assert_close(targets, obj.target_log_probs(tiny_model, batch), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(nxt, obj.next_token_log_probs(tiny_model, extra.input_ids, extra.attention_mask),
+                                   atol=2e-5, rtol=1e-4)
