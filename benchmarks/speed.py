@@ -91,6 +91,8 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--shape", choices=["smollm2", "1b"], default="smollm2")
     p.add_argument("--child", help=argparse_hidden())
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                   help="also measure kdpo-lora with these settings changed (a third child)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,18 +102,25 @@ def main() -> None:
         return
     model = random_1b_folder() if args.shape == "1b" else args.model
     results = {}
-    for mode in ("published", "kdpo-lora"):
-        cmd = [sys.executable, __file__, "--child", mode, "--model", model, "--data", args.data, "--n", str(args.n)]
-        for pair in args.set:
+    runs = [("published", args.set), ("kdpo-lora", args.set)]
+    if args.variant:
+        runs.append(("kdpo-lora " + " ".join(args.variant), args.set + args.variant))
+    for mode, pairs in runs:
+        cmd = [sys.executable, __file__, "--child", mode.split()[0], "--model", model, "--data", args.data,
+               "--n", str(args.n)]
+        for pair in pairs:
             cmd += ["--set", pair]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
         print(mode, results[mode], flush=True)
-    a, b = results["published"], results["kdpo-lora"]
-    ratios = {"seconds_per_edit_b_over_a": b["median_seconds_per_edit"] / a["median_seconds_per_edit"],
-              "peak_rss_b_over_a": b["peak_rss_mb"] / a["peak_rss_mb"]}
+    a = results["published"]
+    ratios = {}
+    for mode, row in results.items():
+        if mode != "published":
+            ratios[f"{mode}: seconds_per_edit / published"] = row["median_seconds_per_edit"] / a["median_seconds_per_edit"]
+            ratios[f"{mode}: peak_rss / published"] = row["peak_rss_mb"] / a["peak_rss_mb"]
     print("ratios:", {k: round(v, 3) for k, v in ratios.items()})
     write(args.out, {"command": " ".join(sys.argv), "shape": args.shape, "machine": machine(), "results": results,
                      "ratios": ratios})

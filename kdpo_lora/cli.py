@@ -18,10 +18,10 @@ from pathlib import Path
 from .errors import KdpoError, RequestError
 from .loading import DEFAULT_MODEL
 
-DEMO_EDITS = [
-    ("The Eiffel Tower is located in the city of", "Rome", "The Eiffel Tower can be found in the city of"),
-    ("The Colosseum is located in the city of", "Paris", "The Colosseum stands in the city of"),
-    ("The official language of Brazil is", "Japanese", "The people of Brazil speak"),
+DEMO_EDITS = [  # prompt, new target, subject, paraphrase
+    ("The Eiffel Tower is located in the city of", "Rome", "The Eiffel Tower", "The Eiffel Tower can be found in the city of"),
+    ("The Colosseum is located in the city of", "Paris", "The Colosseum", "The Colosseum stands in the city of"),
+    ("The official language of Brazil is", "Japanese", "Brazil", "The people of Brazil speak"),
 ]
 DEMO_UNRELATED = ["The capital of France is", "The capital of Japan is", "The Statue of Liberty is located in"]
 
@@ -193,8 +193,8 @@ def cmd_demo(args) -> None:
         args.store = args.store or tmp
         print(f"Loading {args.model} ({args.quantization}) ...", flush=True)
         ke = _editor(args)
-        requests = [EditRequest(prompt=p, target_new=t, rephrase_prompts=(r,)) for p, t, r in DEMO_EDITS]
-        prompts = [p for p, _, _ in DEMO_EDITS] + [r for _, _, r in DEMO_EDITS] + DEMO_UNRELATED
+        requests = [EditRequest(prompt=p, target_new=t, subject=s, rephrase_prompts=(r,)) for p, t, s, r in DEMO_EDITS]
+        prompts = [p for p, *_ in DEMO_EDITS] + [r for *_, r in DEMO_EDITS] + DEMO_UNRELATED
         before = ke.generate(prompts, None, 10)
         print(f"Editing {len(requests)} facts into one LoRA adapter with KDPO ...", flush=True)
         result = ke.edit(requests, progress=not args.quiet)
