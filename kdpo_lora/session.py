@@ -70,10 +70,10 @@ class KnowledgeEditor:
         so the cost of a step or a generated token does not grow with the number of edits.
         """
         names = [] if profile is None else self.store().profile(profile)
-        loaded = set(adapters.adapter_names(self.editor.model))
-        if tuple(names) != self._materialised or loaded != set(self.editor.stack):
-            for loaded in adapters.adapter_names(self.editor.model):  # rebuild from the verified files
-                self.editor.model = adapters.delete_adapter(self.editor.model, loaded)
+        in_memory = adapters.adapter_names(self.editor.model)
+        if tuple(names) != self._materialised or set(in_memory) != set(self.editor.stack):
+            for stale in in_memory:  # rebuild from the verified files
+                self.editor.model = adapters.delete_adapter(self.editor.model, stale)
             store = self.store() if names else None
             for name in names:
                 folder = store.verify_batch(name, self.fingerprint)
