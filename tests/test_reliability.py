@@ -338,7 +338,7 @@ def test_ctrl_c_stores_nothing_and_says_so(store_with_batch, tiny_model_dir):
     args[args.index("--cycles") + 1] = "1000"  # long enough to be interrupted while editing
     args[args.index("--lr") + 1] = "1e-9"
     proc = _cli(args)
-    time.sleep(8)
+    time.sleep(15)  # past imports and loading (about 5 s here): the interrupt lands while editing
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
