@@ -106,12 +106,11 @@ class Editor:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str]) -> obj.TargetBatch:
+    def encode(self, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int) -> obj.TargetBatch:
         pairs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             try:
-                pairs.append(obj.tokenize_pair(self.tokenizer, prompt, target,
-                                               self.config.max_target_tokens, self.max_length))
+                pairs.append(obj.tokenize_pair(self.tokenizer, prompt, target, max_target_tokens, self.max_length))
             except RequestError as err:
                 raise RequestError(f"request {i}: {err}") from None
         return obj.collate([p for p, _ in pairs], [t for _, t in pairs], self.tokenizer.pad_token_id, self.device)
@@ -124,14 +123,14 @@ class Editor:
 
         `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
         preserved like the subject-swapped prompts. Raises `RequestError` if the model already
-        satisfies every request (nothing to edit), and
-        `NumericalError` (removing the half-trained adapter) on a NaN/inf loss or gradient.
+        satisfies every request (nothing to edit), and `NumericalError` (removing the half-trained
+        adapter) on a NaN/inf loss or gradient.
         """
         cfg = config or self.config
         requests = list(requests)
         check_batch(requests)
         name = name or new_adapter_name()
-        batch = self.encode([r.prompt for r in requests], [r.target_new for r in requests])
+        batch = self.encode([r.prompt for r in requests], [r.target_new for r in requests], cfg.max_target_tokens)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
 
