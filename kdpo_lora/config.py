@@ -35,6 +35,7 @@ class EditConfig:
     preserve_weight: float = 0.0
     preserve_prompts: int = 4
     replay: int = 0
+    independent: bool = True
     lora_rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -60,6 +61,8 @@ class EditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.independent, bool):
+            raise ConfigError(f"independent: must be true or false, got {self.independent!r}")
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ConfigError("target_modules: must be a non-empty list of module names")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):

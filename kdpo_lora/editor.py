@@ -4,6 +4,10 @@ Cycles x steps, as in the authors' code: each cycle regenerates the negative fro
 model and computes the reference log-probs once (they depend only on the negative); then up to
 `steps_per_cycle` Adam steps. A row stops contributing once every target token is the
 teacher-forced argmax; the batch stops when every row has. A fresh optimizer per batch.
+
+With `independent` (the default), a batch on top of earlier ones is first trained with them switched
+off - against the base model - and only then topped up on the whole stack if it does not hold there,
+so each stored batch works without the batches below it and rolling one back leaves the others intact.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ class Editor:
         """Train one new adapter that writes every request; it joins the active stack when done.
 
         `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
-        preserved like the subject-swapped prompts. Raises `RequestError` if the model already
+        preserved like the subject-swapped prompts while training on top of the stack. Raises `RequestError` if the model already
         satisfies every request (nothing to edit), and `NumericalError` (removing the half-trained
         adapter) on a NaN/inf loss or gradient.
         """
@@ -138,14 +142,24 @@ class Editor:
         earlier = list(self.stack)
         adapters.set_active(self.model, earlier + [name], trainable=name)
         try:
-            preserve = self._preservation(requests, cfg, earlier, replay)
-            first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
-            pre_log_probs = first[0].detach()
+            with torch.no_grad():
+                pre_log_probs = obj.target_log_probs(self.model, batch)
             pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
             todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
             if not todo.any():
                 raise RequestError("the model already gives every target; nothing to edit")
-            cycles, steps, losses = self._train(batch, todo, cfg, name, earlier, progress, preserve, first)
+            cycles = steps = 0
+            losses: list[float] = []
+            # independent: train against the base first (earlier batches off), so that rolling back an
+            # earlier batch cannot break this one; then top up on the stack only if it needs it
+            phases = [[], earlier] if cfg.independent and earlier else [earlier]
+            for phase, below in enumerate(phases):
+                adapters.set_active(self.model, below + [name], trainable=name)
+                if phase > 0 and self._solved(batch, todo, cfg):
+                    break
+                preserve = self._preservation(requests, cfg, below, replay if below else ())
+                c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve)
+                cycles, steps, losses = cycles + c, steps + s, losses + l
             with torch.no_grad():
                 post = obj.target_log_probs(self.model, batch)
         except BaseException:
@@ -163,9 +177,14 @@ class Editor:
         ]
         return BatchResult(name, cfg, results, cycles, steps, time.perf_counter() - started, losses)
 
-    def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, earlier: list[str],
+    def _solved(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig) -> bool:
+        with torch.no_grad():
+            log_probs = obj.target_log_probs(self.model, batch)
+        return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, cfg.margin)[todo].all())
+
+    def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
                       replay: Sequence[str] = ()) -> Preservation | None:
-        """Subject-swapped (and replayed) prompts and the reference's answers on them, fixed for the batch."""
+        """Subject-swapped (and replayed) prompts and their answers with only `below` active, fixed per phase."""
         if cfg.preserve_weight <= 0:
             return None
         edited = {r.key for r in requests}
@@ -175,13 +194,12 @@ class Editor:
             return None
         encoded = self.tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding=True).to(self.device)
         preserve = Preservation(encoded.input_ids, encoded.attention_mask)
-        with torch.no_grad(), adapters.only_adapters(self.model, earlier):
+        with torch.no_grad(), adapters.only_adapters(self.model, below):
             preserve.reference = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
         return preserve
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
-               earlier: list[str], progress: bool, preserve: Preservation | None = None,
-               first: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[int, int, list[float]]:
+               below: list[str], progress: bool, preserve: Preservation | None = None) -> tuple[int, int, list[float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         mask = batch.target_mask & todo.unsqueeze(-1)
@@ -190,15 +208,14 @@ class Editor:
         bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
         cycles_run = 0
         for cycle in bar:
-            # the pass edit() already made, before any step, serves as the first cycle's
-            log_probs, kept = first if cycle == 0 and first is not None else self._forward(batch, preserve)
+            log_probs, kept = self._forward(batch, preserve)
             rows_left = ~obj.solved_rows(log_probs, batch.labels, mask, cfg.margin)
             if not rows_left.any():
                 break
             cycles_run += 1
             cycle_mask = mask & rows_left.unsqueeze(-1)
             negatives = self._negatives(log_probs, batch, cfg)
-            with torch.no_grad(), adapters.only_adapters(self.model, earlier):
+            with torch.no_grad(), adapters.only_adapters(self.model, below):
                 reference = self._reference(batch, negatives, cfg)
             solved = False
             for step in range(cfg.steps_per_cycle):
