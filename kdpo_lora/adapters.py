@@ -101,9 +101,9 @@ def delete_adapter(model: torch.nn.Module, name: str) -> torch.nn.Module:
     if len(model.peft_config) == 1:
         return model.unload()
     remaining = [n for n in model.base_model.active_adapters if n != name]
+    # re-point the active set first: peft warns when it has to pick a new active adapter itself
+    _activate(model, remaining or [next(n for n in model.peft_config if n != name)])
     model.delete_adapter(name)
-    if remaining:
-        _activate(model, remaining)
     freeze_all_but(model, None)
     return model
 

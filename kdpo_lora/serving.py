@@ -74,10 +74,10 @@ def fold(model: PeftModel, names: Sequence[str], folded_name: str) -> bool:
     except StoreError:
         return False
     model.add_weighted_adapter(list(names), [1.0] * len(names), adapter_name=folded_name, combination_type="cat")
+    model.base_model.set_adapter([folded_name])  # before deleting, so peft has no active adapter to re-point
+    model.active_adapter = folded_name
     for name in names:
         model.delete_adapter(name)
-    model.base_model.set_adapter([folded_name])
-    model.active_adapter = folded_name
     for param in model.parameters():
         param.requires_grad_(False)
     return True
