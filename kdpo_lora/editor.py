@@ -5,9 +5,10 @@ model and computes the reference log-probs once (they depend only on the negativ
 `steps_per_cycle` Adam steps. A row stops contributing once every target token is the
 teacher-forced argmax; the batch stops when every row has. A fresh optimizer per batch.
 
-With `independent` (the default), a batch on top of earlier ones is first trained with them switched
-off - against the base model - and only then topped up on the whole stack if it does not hold there,
-so each stored batch works without the batches below it and rolling one back leaves the others intact.
+With `independent` (the default), a batch trained on top of earlier ones is then checked with them
+switched off and, where it does not hold alone, topped up against the base model (and, if that
+disturbed it, on the stack once more): each stored batch works without the batches below it, so
+rolling one back leaves the others intact.
 """
 
 from __future__ import annotations
@@ -150,13 +151,14 @@ class Editor:
                 raise RequestError("the model already gives every target; nothing to edit")
             cycles = steps = 0
             losses: list[float] = []
-            # independent: train against the base first (earlier batches off), so that rolling back an
-            # earlier batch cannot break this one; then top up on the stack only if it needs it
-            phases = [[], earlier] if cfg.independent and earlier else [earlier]
+            # on top of the stack first; `independent`: then make sure the batch also holds with the
+            # batches below it switched off (so rolling one of them back cannot break it), topping up
+            # against the base if not, and finally on the stack again if that top-up disturbed it
+            phases = [earlier, [], earlier] if cfg.independent and earlier else [earlier]
             for phase, below in enumerate(phases):
                 adapters.set_active(self.model, below + [name], trainable=name)
                 if phase > 0 and self._solved(batch, todo, cfg):
-                    break
+                    continue
                 preserve = self._preservation(requests, cfg, below, replay if below else ())
                 c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve)
                 cycles, steps, losses = cycles + c, steps + s, losses + l
