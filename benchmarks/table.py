@@ -21,7 +21,8 @@ def main() -> None:
     print("| run | " + " | ".join(args.keys) + " |")
     print("|---|" + "---:|" * len(args.keys))
     for path in args.files:
-        summary = json.loads(Path(path).read_text()).get("summary", {})
+        data = json.loads(Path(path).read_text())
+        summary = data.get("summary") or data.get("final", {})  # single-edit runs / sequential runs
         cells = [f"{summary[k]:.3f}" if isinstance(summary.get(k), float) else str(summary.get(k, "-"))
                  for k in args.keys]
         print(f"| {Path(path).stem} | " + " | ".join(cells) + " |")

@@ -10,7 +10,7 @@ import pytest
 
 from kdpo_lora.cli import main
 
-FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "10", "--quiet"]
+FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "10", "--rank", "8", "--quiet"]
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -21,7 +21,7 @@ PROMPTS = ["the eiffel tower is located in the city of", "the capital of japan i
 EDITS = [("the eiffel tower is located in the city of", "rome"), ("the capital of japan is", "paris"),
          ("the official language of spain is", "german")]
 TOL = {"none": 1e-5, "nf4": 1e-4}
-SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 10}
+SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 10, "lora_rank": 8, "lora_alpha": 16}
 
 
 def _logits(ke: KnowledgeEditor, profile: str | None) -> torch.Tensor:
