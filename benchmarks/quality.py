@@ -60,6 +60,7 @@ def main() -> None:
         for start in range(0, len(requests), args.batch):
             batch = requests[start:start + args.batch]
             began = time.perf_counter()
+            edited = True
             if published:
                 from benchmarks.published_kdpo import published_edit
 
@@ -68,11 +69,12 @@ def main() -> None:
             else:
                 try:
                     ke.edit(batch, progress=False)
-                except RequestError:
+                except RequestError:  # the model already gives every target of the batch
                     skipped += len(batch)
-                    continue
-            seconds.append(time.perf_counter() - began)
-            right_after += score(model(), tokenizer, batch, pre[start:start + args.batch], generation=False)
+                    edited = False
+            if edited:
+                seconds.append(time.perf_counter() - began)
+                right_after += score(model(), tokenizer, batch, pre[start:start + args.batch], generation=False)
             done = start + len(batch)
             if done % every == 0 or done == len(requests):
                 rows = score(model(), tokenizer, requests[:done], pre[:done], generation=False)

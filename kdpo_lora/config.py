@@ -35,6 +35,7 @@ class EditConfig:
     preserve_weight: float = 0.0
     preserve_prompts: int = 4
     replay: int = 0
+    anchors: int = 0
     independent: bool = True
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -52,10 +53,10 @@ class EditConfig:
                 raise ConfigError(f"{name}: must be a finite positive number, got {value!r}")
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
-        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay"):
+        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay", "anchors"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "replay" else 1):
-                raise ConfigError(f"{name}: must be a {'non-negative' if name == 'replay' else 'positive'} integer, "
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("replay", "anchors") else 1):
+                raise ConfigError(f"{name}: must be a {'non-negative' if name in ('replay', 'anchors') else 'positive'} integer, "
                                   f"got {value!r}")
         for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha"):
             value = getattr(self, name)

@@ -123,11 +123,13 @@ class Editor:
     # ------------------------------------------------------------------ the loop
 
     def edit(self, requests: Sequence[EditRequest], name: str | None = None, config: EditConfig | None = None,
-             progress: bool = True, replay: Sequence[str] = ()) -> BatchResult:
+             progress: bool = True, replay: Sequence[str] = (), anchors: Sequence[str] = ()) -> BatchResult:
         """Train one new adapter that writes every request; it joins the active stack when done.
 
         `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
-        preserved like the subject-swapped prompts while training on top of the stack. Raises `RequestError` if the model already
+        preserved like the subject-swapped prompts while training on top of the stack. `anchors`:
+        prompts (the subject swaps of earlier facts) held at the *unedited* model's answers, so that
+        drift accumulated by earlier batches is pulled back rather than preserved. Raises `RequestError` if the model already
         satisfies every request (nothing to edit), and `NumericalError` (removing the half-trained
         adapter) on a NaN/inf loss or gradient.
         """
@@ -159,7 +161,7 @@ class Editor:
                 adapters.set_active(self.model, below + [name], trainable=name)
                 if phase > 0 and self._solved(batch, todo, cfg):
                     continue
-                preserve = self._preservation(requests, cfg, below, replay if below else ())
+                preserve = self._preservation(requests, cfg, below, replay if below else (), anchors)
                 c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve)
                 cycles, steps, losses = cycles + c, steps + s, losses + l
             with torch.no_grad():
@@ -185,19 +187,32 @@ class Editor:
         return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, cfg.margin)[todo].all())
 
     def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
-                      replay: Sequence[str] = ()) -> Preservation | None:
-        """Subject-swapped (and replayed) prompts and their answers with only `below` active, fixed per phase."""
+                      replay: Sequence[str] = (), anchors: Sequence[str] = ()) -> Preservation | None:
+        """Prompts whose next-token answers must not move, and those answers, fixed per phase.
+
+        Subject-swapped and replayed prompts keep their answers with only `below` active; anchors
+        keep the unedited model's.
+        """
         if cfg.preserve_weight <= 0:
             return None
         edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
         prompts += [p for p in replay if " ".join(p.split()).lower() not in edited]
-        if not prompts:
+        anchors = list(anchors) if below else []  # with nothing below, the unedited model is the reference anyway
+        if not prompts and not anchors:
             return None
-        encoded = self.tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding=True).to(self.device)
+        encoded = self.tokenizer([p.rstrip() for p in prompts + anchors], return_tensors="pt",
+                                 padding=True).to(self.device)
         preserve = Preservation(encoded.input_ids, encoded.attention_mask)
-        with torch.no_grad(), adapters.only_adapters(self.model, below):
-            preserve.reference = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
+        own = len(prompts)
+        references = []
+        with torch.no_grad():
+            for rows, context in ((slice(0, own), below), (slice(own, None), [])):
+                if preserve.input_ids[rows].shape[0]:
+                    with adapters.only_adapters(self.model, context):
+                        references.append(obj.next_token_log_probs(self.model, preserve.input_ids[rows],
+                                                                   preserve.attention_mask[rows]))
+        preserve.reference = torch.cat(references)
         return preserve
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,

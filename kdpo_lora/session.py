@@ -12,6 +12,7 @@ model is loaded once.
 
 from __future__ import annotations
 
+import random
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ import torch
 
 from . import adapters
 from .config import EditConfig, resolve_config
-from .editor import BatchResult, Editor, new_adapter_name
+from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
 from .errors import StoreError
 from .evaluate import evaluate_request, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
@@ -106,8 +107,10 @@ class KnowledgeEditor:
         self.use(profile if profile in store.profiles() else None)
         superseded = store.superseded(requests, profile)
         warn_superseded(superseded)
+        cfg = config or self.config
         result = self.editor.edit(requests, name=name, config=config, progress=progress,
-                                  replay=self._replay_prompts(store, profile, config or self.config))
+                                  replay=self._replay_prompts(store, profile, cfg),
+                                  anchors=self._anchor_prompts(store, profile, cfg))
         record = {
             "requests": [r.to_dict() for r in requests],
             "config": result.config.to_dict(),
@@ -137,6 +140,15 @@ class KnowledgeEditor:
             if len(prompts) >= config.replay:
                 break
         return prompts[: config.replay]
+
+    def _anchor_prompts(self, store: AdapterStore, profile: str, config: EditConfig) -> list[str]:
+        """Subject swaps of up to `config.anchors` facts drawn from all of `profile`'s batches."""
+        if config.anchors <= 0 or profile not in store.profiles():
+            return []
+        earlier = [r for batch in store.profile(profile) for r in store.requests_of(batch)]
+        rng = random.Random(config.seed + len(earlier))
+        chosen = rng.sample(earlier, min(config.anchors, len(earlier)))
+        return preservation_prompts(chosen, 1, config.seed + len(earlier))
 
     def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
         self.store().rollback(batch, profile)
