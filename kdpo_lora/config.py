@@ -53,10 +53,11 @@ class EditConfig:
                 raise ConfigError(f"{name}: must be a finite positive number, got {value!r}")
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
-        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay", "anchors"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("replay", "anchors") else 1):
-                raise ConfigError(f"{name}: must be a {'non-negative' if name in ('replay', 'anchors') else 'positive'} integer, "
+        for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay",
+                     "anchors"):
+            value, may_be_zero = getattr(self, name), name in ("replay", "anchors")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if may_be_zero else 1):
+                raise ConfigError(f"{name}: must be a {'non-negative' if may_be_zero else 'positive'} integer, "
                                   f"got {value!r}")
         for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha"):
             value = getattr(self, name)

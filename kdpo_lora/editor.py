@@ -129,9 +129,9 @@ class Editor:
         `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
         preserved like the subject-swapped prompts while training on top of the stack. `anchors`:
         prompts (the subject swaps of earlier facts) held at the *unedited* model's answers, so that
-        drift accumulated by earlier batches is pulled back rather than preserved. Raises `RequestError` if the model already
-        satisfies every request (nothing to edit), and `NumericalError` (removing the half-trained
-        adapter) on a NaN/inf loss or gradient.
+        drift left by earlier batches is pulled back rather than preserved. Raises `RequestError` if
+        the model already satisfies every request (nothing to edit), and `NumericalError` (removing
+        the half-trained adapter) on a NaN/inf loss or gradient.
         """
         cfg = config or self.config
         requests = list(requests)

@@ -89,6 +89,8 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
     paths["unknown-key.yaml"] = _write(tmp_path, "unknown-key.yaml", "learning_rate: 1e-4\nlearnin_rate: 3\n")
     paths["bad.yaml"] = _write(tmp_path, "bad.yaml", "learning_rate: [1, 2\n")
     paths["nan.yaml"] = _write(tmp_path, "nan.yaml", "learning_rate: .nan\n")
+    paths["independent.yaml"] = _write(tmp_path, "independent.yaml", "independent: maybe\n")
+    paths["anchors.yaml"] = _write(tmp_path, "anchors.yaml", "anchors: -3\n")
     model = ["--model", str(model_dir), "--quantization", "none"]
     edit = ["edit", *model, *FAST]
     cases = [([*edit, "--requests", paths[name]], words) for name, words in [
@@ -118,6 +120,8 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["unknown-key.yaml"]], "unknown setting(s) learnin_rate"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["bad.yaml"]], "not valid YAML"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["nan.yaml"]], "learning_rate"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["independent.yaml"]], "independent: must be true or false"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["anchors.yaml"]], "anchors: must be a non-negative"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", str(tmp_path / "absent.yaml")], "no such config file"),
         (["edit", "--model", "no-such-model", "--prompt", "x", "--target", "y"], "unknown model"),
         (["edit", "--model", str(tmp_path / "m.gguf"), "--prompt", "x", "--target", "y"], "no such GGUF"),
