@@ -180,15 +180,13 @@ def test_target_the_model_already_gives_is_refused(store_with_batch, capsys):
 def test_nan_loss_aborts_without_writing(store_with_batch, monkeypatch):
     ke, store = store_with_batch
     before = snapshot(store)
-    real = objectives.target_log_probs
-    calls = {"n": 0}
+    real = objectives.kdpo_loss
 
-    def poisoned(model, batch):
-        calls["n"] += 1
-        out = real(model, batch)
-        return out * float("nan") if calls["n"] > 3 else out
+    def poisoned(*args, **kwargs):  # a real loss, turned NaN (as an overflow would)
+        per_row, contributing = real(*args, **kwargs)
+        return per_row * float("nan"), contributing
 
-    monkeypatch.setattr(objectives, "target_log_probs", poisoned)
+    monkeypatch.setattr(objectives, "kdpo_loss", poisoned)
     with pytest.raises(NumericalError, match="no adapter was written"):
         ke.edit([EditRequest("the official language of spain is", "german")], name="bad", progress=False)
     assert snapshot(store) == before
