@@ -25,8 +25,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.2))
     for path in args.results:
         data = json.loads(Path(path).read_text())
-        changed = ", ".join(f"{k}={v}" for k, v in data.get("settings", {}).items() if k != "method")
-        label = f"{data['method']} (batch {data['batch']}, {Path(data['data']).stem}{', ' + changed if changed else ''})"
+        label = f"{Path(path).stem} ({data['method']}, batch {data['batch']}, {Path(data['data']).stem})"
         xs = [point["edits"] for point in data["curve"]]
         for ax, (key, _) in zip(axes, PANELS):
             ax.plot(xs, [point.get(key, float("nan")) for point in data["curve"]], marker="o", label=label)
