@@ -145,8 +145,9 @@ class Editor:
         earlier = list(self.stack)
         adapters.set_active(self.model, earlier + [name], trainable=name)
         try:
-            with torch.no_grad():
-                pre_log_probs = obj.target_log_probs(self.model, batch)
+            preserve = self._preservation(requests, cfg, earlier, replay if earlier else (), anchors)
+            first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
+            pre_log_probs = first[0].detach()
             pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
             todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
             if not todo.any():
@@ -159,10 +160,12 @@ class Editor:
             phases = [earlier, [], earlier] if cfg.independent and earlier else [earlier]
             for phase, below in enumerate(phases):
                 adapters.set_active(self.model, below + [name], trainable=name)
-                if phase > 0 and self._solved(batch, todo, cfg):
-                    continue
-                preserve = self._preservation(requests, cfg, below, replay if below else (), anchors)
-                c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve)
+                if phase > 0:
+                    if self._solved(batch, todo, cfg):
+                        continue
+                    preserve = self._preservation(requests, cfg, below, replay if below else (), anchors)
+                c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve,
+                                      first if phase == 0 else None)
                 cycles, steps, losses = cycles + c, steps + s, losses + l
             with torch.no_grad():
                 post = obj.target_log_probs(self.model, batch)
@@ -216,7 +219,8 @@ class Editor:
         return preserve
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
-               below: list[str], progress: bool, preserve: Preservation | None = None) -> tuple[int, int, list[float]]:
+               below: list[str], progress: bool, preserve: Preservation | None = None,
+               first: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[int, int, list[float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         mask = batch.target_mask & todo.unsqueeze(-1)
@@ -225,7 +229,8 @@ class Editor:
         bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
         cycles_run = 0
         for cycle in bar:
-            log_probs, kept = self._forward(batch, preserve)
+            # the pass edit() already made, before any step, serves as the first cycle's
+            log_probs, kept = first if cycle == 0 and first is not None else self._forward(batch, preserve)
             rows_left = ~obj.solved_rows(log_probs, batch.labels, mask, cfg.margin)
             if not rows_left.any():
                 break
