@@ -145,7 +145,7 @@ class Editor:
         earlier = list(self.stack)
         adapters.set_active(self.model, earlier + [name], trainable=name)
         try:
-            preserve = self._preservation(requests, cfg, earlier, replay if earlier else (), anchors)
+            preserve = self._preservation(requests, cfg, earlier, replay, anchors)
             first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
             pre_log_probs = first[0].detach()
             pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
@@ -163,7 +163,7 @@ class Editor:
                 if phase > 0:
                     if self._solved(batch, todo, cfg):
                         continue
-                    preserve = self._preservation(requests, cfg, below, replay if below else (), anchors)
+                    preserve = self._preservation(requests, cfg, below, replay, anchors)
                 c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve,
                                       first if phase == 0 else None)
                 cycles, steps, losses = cycles + c, steps + s, losses + l
@@ -198,10 +198,12 @@ class Editor:
         """
         if cfg.preserve_weight <= 0:
             return None
+        if not below:  # trained alone: no earlier facts are active, and the unedited model is the reference
+            replay, anchors = (), ()
         edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
         prompts += [p for p in replay if " ".join(p.split()).lower() not in edited]
-        anchors = list(anchors) if below else []  # with nothing below, the unedited model is the reference anyway
+        anchors = list(anchors)
         if not prompts and not anchors:
             return None
         encoded = self.tokenizer([p.rstrip() for p in prompts + anchors], return_tensors="pt",
