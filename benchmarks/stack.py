@@ -3,9 +3,10 @@
     python benchmarks/stack.py [--sizes 1 10 100] [--n 5] [--out results.json]
 
 Earlier batches are random frozen LoRA adapters of the default shape (their content does not change
-the cost). For each stack size the profile is held two ways, measured side by side: as separate
-active adapters, and folded into one exact concatenated adapter (what kdpo-lora does). Generation is
-also measured for the base model and for a single adapter.
+the cost). For each stack size the profile is held three ways, measured side by side: as separate
+active adapters; folded into one exact concatenated (`cat`) adapter; and as kdpo-lora holds it
+(`serving.compact_stack`: the fold, merged into dense weights once that is cheaper). Generation is
+also measured for the base model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kdpo_lora.editor import Editor  # noqa: E402
 from kdpo_lora.errors import RequestError  # noqa: E402
 from kdpo_lora.loading import load_model  # noqa: E402
 from kdpo_lora.requests import read_requests  # noqa: E402
-from kdpo_lora.serving import fold  # noqa: E402
+from kdpo_lora.serving import compact_stack, fold  # noqa: E402
 
 PROMPTS = ["The capital of France is", "The Eiffel Tower is located in", "The largest planet is",
            "Water is made of"]
@@ -87,27 +88,30 @@ def main() -> None:
     rows = {"base": {"tokens_per_s": tokens_per_second(editor)}}
     print("base", rows["base"], flush=True)
     for size in args.sizes:
-        for mode in ("separate", "folded"):
-            if mode == "separate" and size > 100:
-                continue  # minutes per edit: not worth measuring
+        for mode in ("separate", "folded", "kdpo-lora"):
+            if (mode == "separate" and size > 100) or (mode != "kdpo-lora" and size == 1):
+                continue  # separate: minutes per edit; one adapter is held the same way by all three
             clear(editor)
             names = add_random_stack(editor, size)
             editor.stack = names
             if mode == "folded" and size > 1:
                 assert fold(editor.model, names, "kdpo_stack_a")
                 editor.stack = ["kdpo_stack_a"]
+            elif mode == "kdpo-lora":
+                editor.model, editor.stack = compact_stack(editor.model, names)
             adapters.set_active(editor.model, editor.stack)
-            row = {"tokens_per_s": tokens_per_second(editor), "seconds_per_edit": seconds_per_edit(editor, requests)}
+            row = {"held_as": list(editor.stack), "tokens_per_s": tokens_per_second(editor),
+                   "seconds_per_edit": seconds_per_edit(editor, requests)}
             rows[f"{mode}_{size}"] = row
             print(mode, size, row, flush=True)
-    first = rows[f"folded_{args.sizes[0]}"]
+    first = rows[f"kdpo-lora_{args.sizes[0]}"]
     ratios = {}
     for size in args.sizes[1:]:
-        ratios[f"edit_seconds_folded_{size}_over_{args.sizes[0]}"] = rows[f"folded_{size}"]["seconds_per_edit"] / first["seconds_per_edit"]
-        ratios[f"tokens_per_s_folded_{size}_over_single_adapter"] = rows[f"folded_{size}"]["tokens_per_s"] / first["tokens_per_s"]
-        if f"separate_{size}" in rows:
-            ratios[f"edit_seconds_separate_{size}_over_{args.sizes[0]}"] = rows[f"separate_{size}"]["seconds_per_edit"] / first["seconds_per_edit"]
-            ratios[f"tokens_per_s_separate_{size}_over_single_adapter"] = rows[f"separate_{size}"]["tokens_per_s"] / first["tokens_per_s"]
+        for mode in ("kdpo-lora", "folded", "separate"):
+            if f"{mode}_{size}" in rows:
+                row = rows[f"{mode}_{size}"]
+                ratios[f"edit_seconds_{mode}_{size}_over_{args.sizes[0]}"] = row["seconds_per_edit"] / first["seconds_per_edit"]
+                ratios[f"tokens_per_s_{mode}_{size}_over_{args.sizes[0]}"] = row["tokens_per_s"] / first["tokens_per_s"]
     print("ratios:", {k: round(v, 3) for k, v in ratios.items()})
     write(args.out, {"command": " ".join(sys.argv), "rows": rows, "ratios": ratios})
 

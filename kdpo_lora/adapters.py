@@ -2,7 +2,9 @@
 
 Every edit batch is one named LoRA adapter on the same base model. The DPO reference is this same
 model with the adapter being trained switched off - `disable_adapter()` when nothing else is
-active, otherwise only the earlier adapters active - never a second copy of the model.
+active, otherwise only the earlier adapters active - never a second copy of the model. A stack may
+also hold `merged.STACK` (earlier batches merged into full-precision weights); the functions here
+switch it on and off together with the peft adapters.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from . import merged
 from .config import EditConfig
 from .errors import IntegrityError
 
@@ -47,11 +50,15 @@ def add_adapter(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftMo
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:
-    return list(model.peft_config) if isinstance(model, PeftModel) else []
+    """The adapters in memory (the merged stack first, if there is one)."""
+    names = [merged.STACK] if merged.has_merged_stack(model) else []
+    return names + (list(model.peft_config) if isinstance(model, PeftModel) else [])
 
 
 def set_active(model: torch.nn.Module, names: Sequence[str], trainable: str | None = None) -> None:
     """Activate exactly `names` (in order); only `trainable` (if given) gets gradients."""
+    merged.set_merged_stack(model, merged.STACK in names)
+    names = [n for n in names if n != merged.STACK]
     if not isinstance(model, PeftModel):
         if names:
             raise ValueError("no adapters are loaded")
@@ -75,13 +82,22 @@ def freeze_all_but(model: torch.nn.Module, trainable: str | None) -> None:
 @contextmanager
 def only_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
     """Run with exactly `names` active (none: adapters disabled), then restore what was active."""
-    if not isinstance(model, PeftModel):
-        yield
-        return
-    if not names:
-        with model.disable_adapter():
+    merged_before = merged.merged_stack_is_on(model)
+    merged.set_merged_stack(model, merged.STACK in names)
+    names = [n for n in names if n != merged.STACK]
+    try:
+        if not isinstance(model, PeftModel):
             yield
-        return
+        elif not names:
+            with model.disable_adapter():
+                yield
+        else:
+            yield from _only_peft_adapters(model, names)
+    finally:
+        merged.set_merged_stack(model, merged_before)
+
+
+def _only_peft_adapters(model: PeftModel, names: Sequence[str]) -> Iterator[None]:
     before = list(model.base_model.active_adapters)
     grads = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
     _activate(model, names)
@@ -95,7 +111,10 @@ def only_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None
 
 
 def delete_adapter(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """Remove adapter `name`; returns the model (unwrapped from peft when no adapter is left)."""
+    """Remove adapter `name`; returns the model (unwrapped from peft when no LoRA adapter is left)."""
+    if name == merged.STACK:
+        merged.drop_merged_stack(model)
+        return model
     if not isinstance(model, PeftModel) or name not in model.peft_config:
         return model
     if len(model.peft_config) == 1:

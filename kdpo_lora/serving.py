@@ -16,10 +16,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from . import merged
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, delete_adapter, save_adapter
 from .errors import StoreError
 
 SQUASH_NAME = "kdpo_squashed"
+FOLDED = ("kdpo_stack_a", "kdpo_stack_b")  # in-memory names of a folded stack (the reserved prefix)
 
 
 def check_squashable(model: PeftModel, names: Sequence[str]) -> None:
@@ -81,6 +83,32 @@ def fold(model: PeftModel, names: Sequence[str], folded_name: str) -> bool:
     for param in model.parameters():
         param.requires_grad_(False)
     return True
+
+
+def compact_stack(model: torch.nn.Module, stack: Sequence[str]) -> tuple[torch.nn.Module, list[str]]:
+    """Hold the frozen `stack` as cheaply as it can be held exactly; returns the model and new stack.
+
+    Its LoRA batches are folded into one; that fold is merged into dense weights once that is
+    cheaper (`merged.dense_is_cheaper`), and a merged stack takes every later batch in (one add per
+    layer). The cost of a step or a token then stops growing with the number of edits.
+    """
+    has_merged = merged.STACK in stack
+    lora = [n for n in stack if n != merged.STACK]
+    if len(lora) >= 2:
+        target = FOLDED[0] if FOLDED[0] not in lora else FOLDED[1]
+        if not fold(model, lora, target):
+            return model, list(stack)
+        lora = [target]
+    stack = ([merged.STACK] if has_merged else []) + lora
+    if len(lora) == 1 and (has_merged or merged.dense_is_cheaper(model, lora[0])):
+        try:
+            check_squashable(model, lora)
+        except StoreError:
+            return model, stack  # not a plain product B @ A (DoRA, ...): keep it as an adapter
+        merged.merge_into_stack(model, lora[0])
+        model = delete_adapter(model, lora[0])
+        stack = [merged.STACK]
+    return model, stack
 
 
 def export_for_serving(folder: Path, base_model_name: str, max_rank: int = 64, compress: bool = False,

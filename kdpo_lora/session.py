@@ -19,17 +19,15 @@ from typing import Sequence
 
 import torch
 
-from . import adapters
+from . import adapters, merged
 from .config import EditConfig, resolve_config
 from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
 from .errors import StoreError
 from .evaluate import evaluate_request, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
 from .requests import EditRequest
-from .serving import export_for_serving, fold, squash
+from .serving import compact_stack, export_for_serving, squash
 from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
-
-FOLDED = ("kdpo_stack_a", "kdpo_stack_b")  # in-memory names of a profile's folded batches (reserved prefix)
 
 
 class KnowledgeEditor:
@@ -87,12 +85,8 @@ class KnowledgeEditor:
         return names
 
     def _fold_active(self) -> None:
-        stack = self.editor.stack
-        if not self.fold_stack or len(stack) < 2:
-            return
-        target = FOLDED[0] if FOLDED[0] not in stack else FOLDED[1]
-        if fold(self.editor.model, stack, target):
-            self.editor.stack = [target]
+        if self.fold_stack:
+            self.editor.model, self.editor.stack = compact_stack(self.editor.model, self.editor.stack)
 
     # ------------------------------------------------------------------ editing
 
@@ -180,23 +174,34 @@ class KnowledgeEditor:
 
     # ------------------------------------------------------------------ serving
 
+    def _as_adapters(self, profile: str) -> list[str]:
+        """Make `profile` active with its batches as LoRA adapters (reloaded if they were merged)."""
+        self.use(profile)
+        if merged.STACK in self.editor.stack:
+            fold_stack, self.fold_stack, self._materialised = self.fold_stack, False, ()
+            try:
+                self.use(profile)
+            finally:
+                self.fold_stack = fold_stack
+        return list(self.editor.stack)
+
     def squash(self, profile: str, out_dir: str | Path) -> int:
         """One adapter folder equal to `profile`'s whole stack; returns its rank."""
-        self.use(profile)
+        stack = self._as_adapters(profile)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"
-            rank = squash(self.model, self.editor.stack, staging, self.base_model_name)
+            rank = squash(self.model, stack, staging, self.base_model_name)
             _publish(staging, out)
         return rank
 
     def export(self, profile: str, out_dir: str | Path, max_rank: int = 64, compress: bool = False) -> dict:
         """A squashed adapter that LoRA servers (vLLM, PeftModel.from_pretrained) load as it is."""
-        self.use(profile)
+        stack = self._as_adapters(profile)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"
-            squash(self.model, self.editor.stack, staging, self.base_model_name)
+            squash(self.model, stack, staging, self.base_model_name)
             report = export_for_serving(staging, self.base_model_name, max_rank, compress)
             _publish(staging, out)
         return report

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from kdpo_lora import adapters
+from kdpo_lora import adapters, merged
 from kdpo_lora.errors import IntegrityError, StoreError
 from kdpo_lora.loading import load_model
 from kdpo_lora.requests import EditRequest
@@ -273,3 +273,84 @@ def test_anchor_prompts_keep_the_unedited_models_answers(stacked):
     assert preserve.reference.shape[0] == ke.config.preserve_prompts + 1
     assert (preserve.reference[-1] - base_answer[0]).abs().max() <= 10 * tol
     assert (stacked_answer - base_answer).abs().max() > 100 * tol  # the stack did move it
+
+
+# ---------------------------------------------------------------- a deep stack, merged into dense weights
+
+DEEP = [("the capital of japan is", "paris"), ("the official language of spain is", "german"),
+        ("the river of italy is", "seine"), ("the capital of france is", "tokyo"),
+        ("the official language of england is", "italian"), ("the capital of germany is", "oslo"),
+        ("the river of france is", "thames")]
+
+
+@pytest.fixture(params=["none", "nf4"])
+def deep(request, tiny_model_dir, tmp_path):
+    """Seven batches of rank 8: a fold of rank 56 costs more than the tiny model's dense MLP
+    (64 x 128: rank > 42.7), so the session holds the profile merged into dense weights."""
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), request.param, "cpu"), tmp_path / "store",
+                         overrides=SETTINGS)
+    names = [ke.edit([EditRequest(p, t)], name=f"d{i + 1}", progress=False).adapter for i, (p, t) in enumerate(DEEP)]
+    return ke, names, TOL[request.param]
+
+
+def _fresh_base_logits(ke: KnowledgeEditor, tiny_model_dir) -> torch.Tensor:
+    model = load_model(str(tiny_model_dir), ke.loaded.quantization, "cpu").model
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**encoded).logits[encoded.attention_mask.bool()].float()
+
+
+def test_a_deep_stack_is_merged_exactly_and_switches_off_to_the_base(deep, tiny_model_dir):
+    ke, names, tol = deep
+    merged_logits = _logits(ke, "default")
+    assert ke.editor.stack == [merged.STACK] and adapters.adapter_names(ke.model) == [merged.STACK]
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), adapters.only_adapters(ke.model, ()):
+        off = ke.model(**encoded).logits[encoded.attention_mask.bool()].float()
+    assert torch.equal(off, _fresh_base_logits(ke, tiny_model_dir))  # the base layers are untouched
+    assert (merged_logits - off).abs().max() > 1e-2  # and the merged stack is not a no-op
+    ke.fold_stack = False
+    ke.use(None)
+    assert (_logits(ke, "default") - merged_logits).abs().max() <= tol and ke.editor.stack == names
+
+
+def test_training_on_a_merged_stack_gets_the_gradients_of_the_separate_stack(deep):
+    ke, names, tol = deep
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+    def grads() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same initial A and B both times
+        ke.editor.model = adapters.add_adapter(ke.model, "probe", adapters.lora_config(ke.config))
+        with torch.no_grad():
+            for n, p in ke.model.named_parameters():
+                if ".probe." in n and "lora_B" in n:
+                    p.normal_(0, 0.1)  # B != 0, so both factors get gradients
+        adapters.set_active(ke.model, ke.editor.stack + ["probe"], trainable="probe")
+        ke.model(**encoded).logits.square().mean().backward()
+        out = {n: p.grad.clone() for n, p in ke.model.named_parameters() if p.grad is not None}
+        ke.editor.model = adapters.delete_adapter(ke.model, "probe")
+        return out
+
+    ke.use("default")
+    on_merged = grads()
+    ke.fold_stack = False
+    ke.use(None)
+    ke.use("default")
+    on_separate = grads()
+    assert on_merged.keys() == on_separate.keys() and len(on_merged) == 2 * 3 * 3  # A and B, 3 MLP x 3 layers
+    for n in on_merged:
+        assert torch.allclose(on_merged[n], on_separate[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_a_merged_stack_rolls_back_squashes_and_takes_new_edits(deep, tmp_path):
+    ke, names, tol = deep
+    ke.store().create_profile("without-d3", names[:2] + names[3:])
+    expected = _logits(ke, "without-d3")
+    ke.rollback("d3")
+    assert (_logits(ke, "default") - expected).abs().max() <= tol
+    assert ke.squash("default", tmp_path / "squashed") == 6 * ke.config.lora_rank
+    result = ke.edit([EditRequest("the capital of spain is", "london")], name="d8", progress=False)
+    assert result.success_rate == 1.0 and ke.editor.stack[0] == merged.STACK
+    assert ke.generate(["the capital of spain is"], max_new_tokens=1) == ["london"]
+    ke.store().create_profile("only-d8", ["d8"])  # independent: it holds without the merged batches too
+    assert ke.generate(["the capital of spain is"], "only-d8", max_new_tokens=1) == ["london"]
