@@ -26,14 +26,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def lora_config(config: EditConfig) -> LoraConfig:
-    """The peft LoRA config an edit batch is trained with."""
+def lora_config(config: EditConfig, num_layers: int) -> LoraConfig:
+    """The peft LoRA config an edit batch is trained with, on a model of `num_layers` blocks."""
+    layers = config.layer_indices(num_layers)
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0,
         target_modules=list(config.target_modules),
-        layers_to_transform=None if config.layers is None else list(config.layers),
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -167,7 +168,10 @@ def load_adapter(model: torch.nn.Module, name: str, folder: Path) -> PeftModel:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise IntegrityError(f"{weights}: not a valid safetensors file ({err})") from None
-    model = add_adapter(model, name, config)
+    try:
+        model = add_adapter(model, name, config)
+    except ValueError as err:  # peft: none of its target modules/layers exist in this model
+        raise IntegrityError(f"{folder}: adapter weights do not fit this model ({str(err).splitlines()[0]})") from None
     expected = set(get_peft_model_state_dict(model, adapter_name=name))
     if set(state) != expected:
         model = delete_adapter(model, name)

@@ -141,7 +141,7 @@ class Editor:
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
 
-        self.model = adapters.add_adapter(self.model, name, adapters.lora_config(cfg))
+        self.model = adapters.add_adapter(self.model, name, adapters.lora_config(cfg, self.model.config.num_hidden_layers))
         earlier = list(self.stack)
         adapters.set_active(self.model, earlier + [name], trainable=name)
         try:

@@ -80,7 +80,8 @@ def count_parameters(config, settings: EditConfig) -> ParameterCount:
     layers = getattr(model.model, "layers", [])
     linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in model.parameters())
-    chosen = set(range(len(layers))) if settings.layers is None else set(settings.layers)
+    indices = settings.layer_indices(len(layers))
+    chosen = set(range(len(layers))) if indices is None else set(indices)
     lora = sum(settings.lora_rank * (m.in_features + m.out_features)
                for i, layer in enumerate(layers) if i in chosen
                for name, m in layer.named_modules()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kdpo_lora import adapters
 from kdpo_lora.cli import main
 from kdpo_lora.config import EditConfig
@@ -12,12 +14,13 @@ from kdpo_lora.estimate import count_parameters, estimate
 from conftest import make_model
 
 
-def test_meta_counts_match_a_real_model_and_its_lora(tmp_path):
+@pytest.mark.parametrize("layers", [{"layers": (0, 2)}, {"skip_lower_layers": 0.333}])
+def test_meta_counts_match_a_real_model_and_its_lora(tmp_path, layers):
     model = make_model()
-    settings = EditConfig(target_modules=("q_proj", "down_proj"), layers=(0, 2), lora_rank=4)
+    settings = EditConfig(target_modules=("q_proj", "down_proj"), lora_rank=4, **layers)
     counts = count_parameters(model.config, settings)
     assert counts.total == sum(p.numel() for p in model.parameters())
-    peft_model = adapters.add_adapter(model, "x", adapters.lora_config(settings))
+    peft_model = adapters.add_adapter(model, "x", adapters.lora_config(settings, model.config.num_hidden_layers))
     assert counts.lora == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
 
 

@@ -36,7 +36,7 @@ def _dequantised_fp32_twin(nf4_model) -> torch.nn.Module:
 
 
 def _with_lora(model, cfg):
-    model = adapters.add_adapter(model, "edit", adapters.lora_config(cfg))
+    model = adapters.add_adapter(model, "edit", adapters.lora_config(cfg, model.config.num_hidden_layers))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # identical, non-zero A and B in both models so every LoRA tensor gets a gradient
         for name, param in sorted(model.named_parameters()):

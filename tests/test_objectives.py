@@ -99,9 +99,9 @@ def test_reference_equals_model_without_the_trained_adapter(tiny_model, tokenize
     model = tiny_model
     earlier = [f"old{i}" for i in range(earlier_count)]
     for i, name in enumerate(earlier):
-        model = adapters.add_adapter(model, name, adapters.lora_config(cfg))
+        model = adapters.add_adapter(model, name, adapters.lora_config(cfg, model.config.num_hidden_layers))
         _randomise_adapter(model, name, seed=i)
-    model = adapters.add_adapter(model, "new", adapters.lora_config(cfg))
+    model = adapters.add_adapter(model, "new", adapters.lora_config(cfg, model.config.num_hidden_layers))
     _randomise_adapter(model, "new", seed=99)
     adapters.set_active(model, earlier + ["new"], trainable="new")
     batch, _ = _batch(tokenizer, PAIRS)

@@ -320,7 +320,7 @@ def test_training_on_a_merged_stack_gets_the_gradients_of_the_separate_stack(dee
 
     def grads() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)  # the same initial A and B both times
-        ke.editor.model = adapters.add_adapter(ke.model, "probe", adapters.lora_config(ke.config))
+        ke.editor.model = adapters.add_adapter(ke.model, "probe", adapters.lora_config(ke.config, ke.model.config.num_hidden_layers))
         with torch.no_grad():
             for n, p in ke.model.named_parameters():
                 if ".probe." in n and "lora_B" in n:
@@ -337,7 +337,8 @@ def test_training_on_a_merged_stack_gets_the_gradients_of_the_separate_stack(dee
     ke.use(None)
     ke.use("default")
     on_separate = grads()
-    assert on_merged.keys() == on_separate.keys() and len(on_merged) == 2 * 3 * 3  # A and B, 3 MLP x 3 layers
+    layers = ke.config.layer_indices(ke.model.config.num_hidden_layers) or range(ke.model.config.num_hidden_layers)
+    assert on_merged.keys() == on_separate.keys() and len(on_merged) == 2 * 3 * len(layers)  # A, B x 3 MLP x layers
     for n in on_merged:
         assert torch.allclose(on_merged[n], on_separate[n], rtol=1e-3, atol=1e-6), n
 
