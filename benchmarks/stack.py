@@ -36,7 +36,8 @@ def add_random_stack(editor: Editor, size: int, seed: int = 0) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     names = [f"s{i}" for i in range(size)]
     for name in names:
-        editor.model = adapters.add_adapter(editor.model, name, adapters.lora_config(editor.config, editor.model.config.num_hidden_layers))
+        config = adapters.lora_config(editor.config, editor.model.config.num_hidden_layers)
+        editor.model = adapters.add_adapter(editor.model, name, config)
         with torch.no_grad():
             for pname, param in editor.model.named_parameters():
                 if f".{name}." in pname and "lora_B" in pname:

@@ -141,7 +141,8 @@ class Editor:
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
 
-        self.model = adapters.add_adapter(self.model, name, adapters.lora_config(cfg, self.model.config.num_hidden_layers))
+        lora = adapters.lora_config(cfg, self.model.config.num_hidden_layers)
+        self.model = adapters.add_adapter(self.model, name, lora)
         earlier = list(self.stack)
         adapters.set_active(self.model, earlier + [name], trainable=name)
         try:

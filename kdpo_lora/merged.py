@@ -37,7 +37,7 @@ def _merged_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def has_merged_stack(model: torch.nn.Module) -> bool:
-    return any(True for _ in _merged_modules(model))
+    return bool(_merged_modules(model))
 
 
 def dense_is_cheaper(model: PeftModel, name: str) -> bool:

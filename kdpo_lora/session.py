@@ -66,7 +66,8 @@ class KnowledgeEditor:
         """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading.
 
         With `fold_stack`, a profile of several batches is held as one exact concatenated adapter,
-        so the cost of a step or a generated token does not grow with the number of edits.
+        merged into dense weights once that is cheaper (`serving.compact_stack`), so the cost of a
+        step or a generated token does not grow with the number of edits.
         """
         names = [] if profile is None else self.store().profile(profile)
         in_memory = adapters.adapter_names(self.editor.model)

@@ -320,7 +320,8 @@ def test_training_on_a_merged_stack_gets_the_gradients_of_the_separate_stack(dee
 
     def grads() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)  # the same initial A and B both times
-        ke.editor.model = adapters.add_adapter(ke.model, "probe", adapters.lora_config(ke.config, ke.model.config.num_hidden_layers))
+        config = adapters.lora_config(ke.config, ke.model.config.num_hidden_layers)
+        ke.editor.model = adapters.add_adapter(ke.model, "probe", config)
         with torch.no_grad():
             for n, p in ke.model.named_parameters():
                 if ".probe." in n and "lora_B" in n:
