@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import adapters
 from . import objectives as obj
 from .config import EditConfig
+from .prefix import frozen_prefix
 from .errors import NumericalError, RequestError
 from .requests import EditRequest, check_batch
 
@@ -100,6 +101,7 @@ class Editor:
         self.tokenizer = tokenizer
         self.config = config or EditConfig()
         self.stack: list[str] = []
+        self.cache_prefix = True  # see prefix.py; off only to compare against
 
     @property
     def device(self) -> torch.device:
@@ -145,31 +147,34 @@ class Editor:
         self.model = adapters.add_adapter(self.model, name, lora)
         earlier = list(self.stack)
         adapters.set_active(self.model, earlier + [name], trainable=name)
+        layers = lora.layers_to_transform
         try:
-            preserve = self._preservation(requests, cfg, earlier, replay, anchors)
-            first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
-            pre_log_probs = first[0].detach()
-            pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
-            todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
-            if not todo.any():
-                raise RequestError("the model already gives every target; nothing to edit")
-            cycles = steps = 0
-            losses: list[float] = []
-            # on top of the stack first; `independent`: then make sure the batch also holds with the
-            # batches below it switched off (so rolling one of them back cannot break it), topping up
-            # against the base if not, and finally on the stack again if that top-up disturbed it
-            phases = [earlier, [], earlier] if cfg.independent and earlier else [earlier]
-            for phase, below in enumerate(phases):
-                adapters.set_active(self.model, below + [name], trainable=name)
-                if phase > 0:
-                    if self._solved(batch, todo, cfg):
-                        continue
-                    preserve = self._preservation(requests, cfg, below, replay, anchors)
-                c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve,
-                                      first if phase == 0 else None)
-                cycles, steps, losses = cycles + c, steps + s, losses + l
-            with torch.no_grad():
-                post = obj.target_log_probs(self.model, batch)
+            # nothing below the first adapted layer changes while this batch trains: run it once per input
+            with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
+                preserve = self._preservation(requests, cfg, earlier, replay, anchors)
+                first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
+                pre_log_probs = first[0].detach()
+                pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
+                todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
+                if not todo.any():
+                    raise RequestError("the model already gives every target; nothing to edit")
+                cycles = steps = 0
+                losses: list[float] = []
+                # on top of the stack first; `independent`: then make sure the batch also holds with the
+                # batches below it switched off (so rolling one of them back cannot break it), topping up
+                # against the base if not, and finally on the stack again if that top-up disturbed it
+                phases = [earlier, [], earlier] if cfg.independent and earlier else [earlier]
+                for phase, below in enumerate(phases):
+                    adapters.set_active(self.model, below + [name], trainable=name)
+                    if phase > 0:
+                        if self._solved(batch, todo, cfg):
+                            continue
+                        preserve = self._preservation(requests, cfg, below, replay, anchors)
+                    c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve,
+                                          first if phase == 0 else None)
+                    cycles, steps, losses = cycles + c, steps + s, losses + l
+                with torch.no_grad():
+                    post = obj.target_log_probs(self.model, batch)
         except BaseException:
             self.model = adapters.delete_adapter(self.model, name)
             adapters.set_active(self.model, earlier)
