@@ -278,10 +278,10 @@ def test_adapter_whose_shapes_do_not_fit_is_refused(store_with_batch):
 # --------------------------------------------------------------------------- crashes and concurrency
 
 
-def _cli(args: list[str], crash_at: int = 0) -> subprocess.Popen:
+def _cli(args: list[str], crash_at: int = 0, stderr=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "CRASH_AT": str(crash_at), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "tests" / "crash_edit.py"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def _edit_args(model_dir: Path, store: Path, name: str, prompt: str = "the official language of spain is",
@@ -341,11 +341,18 @@ def test_ctrl_c_stores_nothing_and_says_so(store_with_batch, tiny_model_dir):
     args = _edit_args(tiny_model_dir, store, "interrupted")
     args[args.index("--cycles") + 1] = "1000"  # long enough to be interrupted while editing
     args[args.index("--lr") + 1] = "1e-9"
-    proc = _cli(args)
-    time.sleep(15)  # past imports and loading (about 5 s here): the interrupt lands while editing
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    args.remove("--quiet")  # the progress bar says when the edit loop has started
+    log = store.parent / "interrupted.err"
+    with log.open("w") as err_file:
+        proc = _cli(args, stderr=err_file)
+        deadline = time.monotonic() + 300
+        while "editing" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert snapshot(store) == before
 
 
