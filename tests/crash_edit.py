@@ -34,6 +34,9 @@ pathlib.Path.write_text = _counting(pathlib.Path.write_text)
 safetensors.torch.save_file = _counting(safetensors.torch.save_file)
 
 if __name__ == "__main__":
+    # Ctrl-C must raise KeyboardInterrupt here even when the test run itself was started as a
+    # background job, whose children inherit SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from kdpo_lora.cli import main
 
     code = main(sys.argv[1:])
