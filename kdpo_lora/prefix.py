@@ -12,7 +12,7 @@ cannot key safely: incremental decoding with a KV cache, or inputs that carry gr
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -44,7 +44,6 @@ class _FrozenPrefix(torch.nn.Module):
         object.__setattr__(self, "frozen", layers)  # not registered: nothing here is trained or saved
         self.cache: dict[bytes, object] = {}
         self.returns_tuple = False
-        self.hits = self.misses = 0
 
     def _run(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = hidden_states
@@ -59,14 +58,11 @@ class _FrozenPrefix(torch.nn.Module):
             return self._run(hidden_states, *args, **kwargs)
         position = kwargs.get("position_embeddings")
         key = _digest(hidden_states, kwargs.get("attention_mask"), *(position or (None,)))
-        if key in self.cache:
-            self.hits += 1
-            return self.cache[key]
-        self.misses += 1
-        if len(self.cache) >= MAX_ENTRIES:
-            self.cache.clear()
-        with torch.no_grad():
-            self.cache[key] = self._run(hidden_states, *args, **kwargs)
+        if key not in self.cache:
+            if len(self.cache) >= MAX_ENTRIES:
+                self.cache.clear()
+            with torch.no_grad():
+                self.cache[key] = self._run(hidden_states, *args, **kwargs)
         return self.cache[key]
 
 
@@ -101,8 +97,7 @@ def frozen_prefix(model: torch.nn.Module, first_trained_layer: int) -> Iterator[
     """
     layers = _decoder_layers(model)
     if layers is None or first_trained_layer <= 0 or not _is_frozen(list(layers[:first_trained_layer])):
-        with nullcontext():
-            yield None
+        yield None
         return
     original = list(layers[:first_trained_layer])
     prefix = _FrozenPrefix(original)
