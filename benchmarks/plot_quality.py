@@ -22,21 +22,26 @@ def main() -> None:
     p.add_argument("results", nargs="+")
     p.add_argument("-o", "--out", default="benchmarks/quality_curves.png")
     args = p.parse_args()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.2))
-    for path in args.results:
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 5.6))
+    colours = plt.cm.tab20.colors
+    for i, path in enumerate(args.results):
         data = json.loads(Path(path).read_text())
-        label = f"{Path(path).stem} ({data['method']}, batch {data['batch']}, {Path(data['data']).stem})"
+        null_space = data.get("settings", {}).get("null_space", 0) > 0
+        label = (f"{Path(path).stem} ({data['method']}, batch {data['batch']}, {Path(data['data']).stem}"
+                 f"{', null space' if null_space else ''})")
         xs = [point["edits"] for point in data["curve"]]
         for ax, (key, _) in zip(axes, PANELS):
-            ax.plot(xs, [point.get(key, float("nan")) for point in data["curve"]], marker="o", label=label)
+            ax.plot(xs, [point.get(key, float("nan")) for point in data["curve"]], marker="o", label=label,
+                    color=colours[i % len(colours)], linestyle="-" if null_space else "--")
     for ax, (_, title) in zip(axes, PANELS):
         ax.set_title(title)
         ax.set_xlabel("edits applied")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle("Sequential editing, SmolLM2-135M NF4 (CPU): all requests edited so far, scored at each point")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 

@@ -42,6 +42,7 @@ class EditConfig:
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     layers: tuple[int, ...] | None = None
     skip_lower_layers: float = 0.0  # with `layers` unset: the fraction of lowest layers left without LoRA
+    null_space: float = 0.0  # > 0: LoRA inputs confined to the lowest-variance directions holding this share
     seed: int = 0
     max_target_tokens: int = 64
 
@@ -70,9 +71,10 @@ class EditConfig:
             raise ConfigError("target_modules: must be a non-empty list of module names")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ConfigError("layers: must be null or a list of layer indices >= 0")
-        value = self.skip_lower_layers
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ConfigError(f"skip_lower_layers: must be a fraction in [0, 1), got {value!r}")
+        for name in ("skip_lower_layers", "null_space"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{name}: must be a fraction in [0, 1), got {value!r}")
 
     def layer_indices(self, num_layers: int) -> list[int] | None:
         """The layers that get LoRA (None: all): `layers`, else all but the lowest `skip_lower_layers`.
@@ -101,7 +103,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
     for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha",
-                "skip_lower_layers"):
+                "skip_lower_layers", "null_space"):
         if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string
             try:
                 out[key] = float(out[key])

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import adapters
 from . import objectives as obj
 from .config import EditConfig
+from .nullspace import Confinement, generic_texts, lora_layers, null_space_bases
 from .prefix import frozen_prefix
 from .errors import NumericalError, RequestError
 from .requests import EditRequest, check_batch
@@ -102,6 +103,7 @@ class Editor:
         self.config = config or EditConfig()
         self.stack: list[str] = []
         self.cache_prefix = True  # see prefix.py; off only to compare against
+        self._null_bases: dict[tuple[str, float], torch.Tensor] = {}  # see nullspace.py
 
     @property
     def device(self) -> torch.device:
@@ -149,6 +151,7 @@ class Editor:
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
+            confine = self._confinement(name, cfg.null_space) if cfg.null_space > 0 else None
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
                 preserve = self._preservation(requests, cfg, earlier, replay, anchors)
@@ -171,7 +174,7 @@ class Editor:
                             continue
                         preserve = self._preservation(requests, cfg, below, replay, anchors)
                     c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve,
-                                          first if phase == 0 else None)
+                                          first if phase == 0 else None, confine)
                     cycles, steps, losses = cycles + c, steps + s, losses + l
                 with torch.no_grad():
                     post = obj.target_log_probs(self.model, batch)
@@ -226,9 +229,18 @@ class Editor:
         preserve.reference = torch.cat(references)
         return preserve
 
+    def _confinement(self, name: str, energy: float) -> Confinement:
+        """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py)."""
+        modules = sorted(lora_layers(self.model, name))
+        if any((path, energy) not in self._null_bases for path in modules):
+            bases = null_space_bases(self.model, self.tokenizer, modules, energy, generic_texts())
+            self._null_bases.update({(path, energy): basis for path, basis in bases.items()})
+        return Confinement(self.model, name, {path: self._null_bases[path, energy] for path in modules})
+
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
                below: list[str], progress: bool, preserve: Preservation | None = None,
-               first: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[int, int, list[float]]:
+               first: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+               confine: Confinement | None = None) -> tuple[int, int, list[float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         mask = batch.target_mask & todo.unsqueeze(-1)
@@ -267,6 +279,8 @@ class Editor:
                 if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
                     raise NumericalError(f"a gradient became NaN/inf in cycle {cycle + 1}; no adapter was written")
                 optimizer.step()
+                if confine is not None:
+                    confine.project()
                 steps += 1
             accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask)[todo].mean()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{float(accuracy):.2f}")

@@ -91,6 +91,7 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
     paths["nan.yaml"] = _write(tmp_path, "nan.yaml", "learning_rate: .nan\n")
     paths["independent.yaml"] = _write(tmp_path, "independent.yaml", "independent: maybe\n")
     paths["skip.yaml"] = _write(tmp_path, "skip.yaml", "skip_lower_layers: 1.5\n")
+    paths["null.yaml"] = _write(tmp_path, "null.yaml", "null_space: -0.01\n")
     paths["anchors.yaml"] = _write(tmp_path, "anchors.yaml", "anchors: -3\n")
     model = ["--model", str(model_dir), "--quantization", "none"]
     edit = ["edit", *model, *FAST]
@@ -123,6 +124,7 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["nan.yaml"]], "learning_rate"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["independent.yaml"]], "independent: must be true or false"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["skip.yaml"]], "skip_lower_layers: must be a fraction"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["null.yaml"]], "null_space: must be a fraction"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["anchors.yaml"]], "anchors: must be a non-negative"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", str(tmp_path / "absent.yaml")], "no such config file"),
         (["edit", "--model", "no-such-model", "--prompt", "x", "--target", "y"], "unknown model"),

@@ -1,0 +1,120 @@
+"""Edits confined to the input directions that ordinary text hardly uses (AlphaEdit's null space, for LoRA).
+
+A LoRA update changes a layer's output by B·A·x. If every row of A lies in the span of the
+low-variance directions of that layer's inputs over generic text, the update leaves the layer's output
+on such text (nearly) unchanged, whatever B learns: the edit has to be written into directions that
+the edited prompt uses and unrelated text does not. `Confinement` projects the trained adapter's A
+onto that span at the start and after every optimiser step. The bases depend only on the base model and
+the text, so they are computed once per model and cached (safetensors) beside the NF4 checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from . import adapters
+from .fsutil import atomic_write_bytes
+from .loading import base_fingerprint, cache_dir
+
+
+SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+# Wikipedia-style text that no benchmark here edits or scores (CounterFact and zsRE are left out)
+GENERIC_FILES = ("knowedit_wikibio_test.jsonl", "knowedit_wiki_recent_train.jsonl",
+                 "knowedit_wiki_counterfact_train.jsonl")
+
+
+def generic_texts() -> list[str]:
+    """Sentences to estimate what "ordinary text" looks like to each layer: the shipped KnowEdit samples'
+    passages, prompts with their true answers, and their locality and portability prompts."""
+    texts = []
+    for name in GENERIC_FILES:
+        for line in (SAMPLES / name).read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            texts.append(f"{record['prompt']} {record.get('target_true') or ''}".strip())
+            for probe in record.get("locality", []) + record.get("portability", []):
+                texts.append(f"{probe['prompt']} {probe.get('answer') or ''}".strip())
+    return texts
+
+
+def lora_layers(model: torch.nn.Module, name: str) -> dict[str, LoraLayer]:
+    """The modules that hold adapter `name`, by module name."""
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, LoraLayer) and name in module.lora_A}
+
+
+def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], modules: Iterable[str],
+                      max_length: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Uncentred second moment (X^T X / tokens, fp32) of each module's inputs over `texts`, no adapter active."""
+    wanted = set(modules)
+    sums: dict[str, torch.Tensor] = {}
+    real_tokens: list[torch.Tensor] = []  # the current batch's attention mask: padding is left out
+
+    def record(path: str):
+        def hook(module, args):
+            x = args[0].detach().float()[real_tokens[-1]]
+            sums[path] = sums[path] + x.T @ x if path in sums else x.T @ x
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(p)) for p, m in model.named_modules() if p in wanted]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), adapters.only_adapters(model, ()):
+            for start in range(0, len(texts), batch_size):
+                encoded = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                                    truncation=True, max_length=max_length).to(device)
+                real_tokens.append(encoded.attention_mask.bool())
+                model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    count = sum(int(mask.sum()) for mask in real_tokens)
+    return {path: total / count for path, total in sums.items()}
+
+
+def null_space_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
+    """Orthonormal columns spanning the lowest-variance directions that together carry at most `energy`."""
+    values, vectors = torch.linalg.eigh(covariance.double())  # ascending
+    share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
+    return vectors[:, :int((share <= energy).sum())].float().contiguous()
+
+
+def null_space_bases(model: torch.nn.Module, tokenizer, modules: Sequence[str], energy: float,
+                     texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`null_space_basis` of each module's inputs over `texts`, cached on disk per base model and settings."""
+    key = json.dumps([base_fingerprint(model), energy, sorted(modules), list(texts)])
+    path = cache_dir() / "nullspace" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    try:
+        bases = load_file(path)
+        if set(bases) == set(modules):
+            return bases
+    except (OSError, SafetensorError):
+        pass  # not computed yet, or a damaged entry: compute it again
+    covariances = input_covariances(model, tokenizer, texts, modules)
+    bases = {module: null_space_basis(covariances[module], energy) for module in modules}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save(bases))
+    return bases
+
+
+class Confinement:
+    """Keeps adapter `name`'s A matrices inside the spans of the given bases while it trains."""
+
+    def __init__(self, model: torch.nn.Module, name: str, bases: dict[str, torch.Tensor]):
+        self.weights = []
+        for path, module in lora_layers(model, name).items():
+            weight = module.lora_A[name].weight
+            self.weights.append((weight, bases[path].to(weight.device, weight.dtype)))
+        self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        for weight, basis in self.weights:
+            weight.copy_((weight @ basis) @ basis.T)
