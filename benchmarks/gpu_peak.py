@@ -12,7 +12,6 @@ the model's own weights included; printed next to `kdpo-lora estimate` for the s
 
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from benchmarks.common import parser, write  # noqa: E402
 from kdpo_lora.config import resolve_config  # noqa: E402
 from kdpo_lora.editor import Editor  # noqa: E402
 from kdpo_lora.estimate import GIB, estimate, load_config  # noqa: E402
-from kdpo_lora.loading import load_model, resolve_source  # noqa: E402
+from kdpo_lora.loading import load_model, release_memory, resolve_source  # noqa: E402
 from kdpo_lora.requests import read_requests  # noqa: E402
 
 SHAPE = "llama-3-8b"
@@ -54,14 +53,8 @@ def random_folder(config, tokenizer, workdir: Path, device: str) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
-        release()
+        release_memory()
     return folder
-
-
-def release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def sync() -> None:
@@ -100,7 +93,7 @@ def measure_ours(folder: Path, requests, device: str) -> dict:
     loaded = load_model(str(folder), "nf4", device=device)  # quantises on the first run, else reads the NF4 cache
     sync()
     row = {"load_seconds": round(time.perf_counter() - start, 1), "after_load": memory()}
-    release()
+    release_memory()
     row["after_load"].update(allocated_after_gc_gib=memory().get("allocated_gib"),
                              model_tensors_gib=tensor_gib(loaded.model))
     editor = Editor(loaded.model, loaded.tokenizer, resolve_config(loaded.model.config.model_type))
@@ -118,7 +111,7 @@ def measure_ours(folder: Path, requests, device: str) -> dict:
                median_seconds_per_edit=statistics.median(seconds), edit_success=sum(success) / len(success),
                during_edits=memory())
     del editor, loaded
-    release()
+    release_memory()
     return row
 
 
@@ -144,7 +137,7 @@ def measure_published(config, tokenizer, requests, device: str) -> dict:
            "median_seconds_per_edit": statistics.median(seconds), "edit_success": sum(success) / len(success),
            "during_edits": memory()}
     del model
-    release()
+    release_memory()
     return row
 
 

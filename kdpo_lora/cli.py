@@ -59,6 +59,8 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, dest="steps_per_cycle")
     p.add_argument("--beta", type=float)
     p.add_argument("--rank", type=int, dest="lora_rank")
+    p.add_argument("--null-space", type=float, dest="null_space",
+                   help="confine each edit to the input directions generic text hardly uses (e.g. 0.01; 0 = off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _editor(args):
     from .session import KnowledgeEditor
 
-    overrides = {k: getattr(args, k, None) for k in ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank")}
+    overrides = {k: getattr(args, k, None) for k in ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank",
+                                                 "null_space")}
     return KnowledgeEditor(args.model, args.store, args.quantization, args.device, getattr(args, "config", None), overrides)
 
 

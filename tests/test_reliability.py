@@ -119,6 +119,8 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
         (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--lr", "-1"], "learning_rate"),
         (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--cycles", "0"], "cycles"),
         (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--beta", "inf"], "beta"),
+        (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--null-space", "2"],
+         "null_space: must be a fraction"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["unknown-key.yaml"]], "unknown setting(s) learnin_rate"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["bad.yaml"]], "not valid YAML"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["nan.yaml"]], "learning_rate"),
