@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _editor(args):
     from .session import KnowledgeEditor
 
-    overrides = {k: getattr(args, k, None) for k in ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank",
-                                                 "null_space")}
+    settings = ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank", "null_space")
+    overrides = {k: getattr(args, k, None) for k in settings}
     return KnowledgeEditor(args.model, args.store, args.quantization, args.device, getattr(args, "config", None), overrides)
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kdpo_lora import adapters
-from kdpo_lora import objectives as obj
 from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
 from kdpo_lora.nullspace import input_covariances, lora_layers, null_space_basis
@@ -42,11 +41,12 @@ def _drift(model, tokenizer, reference: torch.Tensor) -> float:
     return float((reference.exp() * (reference - logits)).sum(-1)[mask].mean())
 
 
-def test_confined_edit_writes_the_fact_and_leaves_generic_text_alone(tokenizer, monkeypatch):
+def test_confined_edit_writes_the_fact_and_leaves_generic_text_alone(tokenizer, monkeypatch, tmp_path):
     from conftest import make_model
 
     from kdpo_lora.loading import prepare_model
 
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path))  # the bases are computed here, not read from a cache
     monkeypatch.setattr("kdpo_lora.editor.generic_texts", lambda: GENERIC)
     request = EditRequest("the eiffel tower is located in the city of", "rome")
     drift = {}
