@@ -33,6 +33,7 @@ def lora_config(config: EditConfig, num_layers: int) -> LoraConfig:
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0,
+        init_lora_weights=True,  # B = 0: the editor takes its reference from the first pass (editor.py)
         target_modules=list(config.target_modules),
         layers_to_transform=layers,
         bias="none",

@@ -1,8 +1,10 @@
 """The edit loop: train one LoRA adapter per batch of requests with KDPO (or a baseline).
 
 Cycles x steps, as in the authors' code: each cycle regenerates the negative from the current
-model and computes the reference log-probs once (they depend only on the negative); then up to
-`steps_per_cycle` Adam steps. A row stops contributing once every target token is the
+model and looks up its reference log-probs (the reference - the model with the trained adapter
+switched off - does not change during a batch, so its distribution at the target positions is
+computed once; while the new adapter is still a no-op, the first training pass is that reference);
+then up to `steps_per_cycle` Adam steps. A row stops contributing once every target token is the
 teacher-forced argmax; the batch stops when every row has. A fresh optimizer per batch.
 
 With `independent` (the default), a batch trained on top of earlier ones is then checked with them
@@ -69,11 +71,21 @@ SUBJECTS_FILE = Path(__file__).resolve().parent / "data" / "preservation_subject
 
 @dataclass
 class Preservation:
-    """Prompts whose next-token distribution must not move, and the reference's distribution on them."""
+    """Prompts whose next-token distribution must not move, and the reference's distribution on them.
+
+    The first `own` rows (subject swaps, replayed facts) keep the answers of the stack below the
+    trained batch; the rest (anchors) keep the unedited model's.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    reference: torch.Tensor | None = None
+    own: int
+    own_reference: torch.Tensor | None = None
+    anchor_reference: torch.Tensor | None = None
+
+    @property
+    def reference(self) -> torch.Tensor:
+        return torch.cat([t for t in (self.own_reference, self.anchor_reference) if t is not None])
 
 
 def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int) -> list[str]:
@@ -154,8 +166,10 @@ class Editor:
             confine = self._confinement(name, cfg.null_space) if cfg.null_space > 0 else None
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
-                preserve = self._preservation(requests, cfg, earlier, replay, anchors)
+                preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
                 first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
+                if preserve is not None:  # the new adapter is still a no-op (B = 0): this pass gives the answers
+                    preserve.own_reference = first[1][:preserve.own].detach()
                 pre_log_probs = first[0].detach()
                 pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
                 todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
@@ -199,11 +213,12 @@ class Editor:
         return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, cfg.margin)[todo].all())
 
     def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
-                      replay: Sequence[str] = (), anchors: Sequence[str] = ()) -> Preservation | None:
+                      replay: Sequence[str] = (), anchors: Sequence[str] = (), fresh: bool = False) -> Preservation | None:
         """Prompts whose next-token answers must not move, and those answers, fixed per phase.
 
         Subject-swapped and replayed prompts keep their answers with only `below` active; anchors
-        keep the unedited model's.
+        keep the unedited model's. `fresh`: the trained adapter is still a no-op, so the edit's first pass
+        gives the subject-swapped and replayed prompts' answers; they are not computed here.
         """
         if cfg.preserve_weight <= 0:
             return None
@@ -217,16 +232,17 @@ class Editor:
             return None
         encoded = self.tokenizer([p.rstrip() for p in prompts + anchors], return_tensors="pt",
                                  padding=True).to(self.device)
-        preserve = Preservation(encoded.input_ids, encoded.attention_mask)
         own = len(prompts)
-        references = []
+        preserve = Preservation(encoded.input_ids, encoded.attention_mask, own)
         with torch.no_grad():
-            for rows, context in ((slice(0, own), below), (slice(own, None), [])):
-                if preserve.input_ids[rows].shape[0]:
-                    with adapters.only_adapters(self.model, context):
-                        references.append(obj.next_token_log_probs(self.model, preserve.input_ids[rows],
-                                                                   preserve.attention_mask[rows]))
-        preserve.reference = torch.cat(references)
+            if own and not fresh:
+                with adapters.only_adapters(self.model, below):
+                    preserve.own_reference = obj.next_token_log_probs(self.model, preserve.input_ids[:own],
+                                                                      preserve.attention_mask[:own])
+            if anchors:
+                with adapters.only_adapters(self.model, []):
+                    preserve.anchor_reference = obj.next_token_log_probs(self.model, preserve.input_ids[own:],
+                                                                         preserve.attention_mask[own:])
         return preserve
 
     def _confinement(self, name: str, energy: float) -> Confinement:
@@ -248,6 +264,14 @@ class Editor:
         steps = 0
         bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
         cycles_run = 0
+        # the reference's log-probs at the target positions do not change while this batch trains; in
+        # the first phase the pass edit() made before any step (new adapter a no-op) already is it
+        reference_log_probs = None
+        if cfg.method != "sft" and first is not None:
+            reference_log_probs = first[0].detach()
+        elif cfg.method != "sft":
+            with torch.no_grad(), adapters.only_adapters(self.model, below):
+                reference_log_probs = obj.target_log_probs(self.model, batch)
         for cycle in bar:
             # the pass edit() already made, before any step, serves as the first cycle's
             log_probs, kept = first if cycle == 0 and first is not None else self._forward(batch, preserve)
@@ -257,8 +281,7 @@ class Editor:
             cycles_run += 1
             cycle_mask = mask & rows_left.unsqueeze(-1)
             negatives = self._negatives(log_probs, batch, cfg)
-            with torch.no_grad(), adapters.only_adapters(self.model, below):
-                reference = self._reference(batch, negatives, cfg)
+            reference = self._reference(batch, negatives, cfg, reference_log_probs, below)
             solved = False
             for step in range(cfg.steps_per_cycle):
                 if step > 0:
@@ -313,22 +336,27 @@ class Editor:
                 generated.append(out[0, len(prompt):].tolist())
         return obj.collate(prompts, generated, self.tokenizer.pad_token_id, self.device)
 
-    def _reference(self, batch: obj.TargetBatch, negatives, cfg: EditConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Reference log-probs of y_pos and y_neg - once per cycle, with the trained adapter off."""
+    def _reference(self, batch: obj.TargetBatch, negatives, cfg: EditConfig, reference_log_probs: torch.Tensor | None,
+                   below: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Reference log-probs of y_pos and y_neg (the trained adapter off), once per cycle.
+
+        KDPO scores y_neg under the positive prefix, so both come from the reference's fixed
+        distribution at the target positions; standard DPO's y_neg has its own prefix: one more pass.
+        """
         if cfg.method == "sft":
             return None
-        ref = obj.target_log_probs(self.model, batch)
         if cfg.method == "dpo":
-            ref_neg = obj.target_log_probs(self.model, negatives)
-            return ((obj.gather(ref, batch.labels) * batch.target_mask).sum(-1),
+            with torch.no_grad(), adapters.only_adapters(self.model, below):
+                ref_neg = obj.target_log_probs(self.model, negatives)
+            return ((obj.gather(reference_log_probs, batch.labels) * batch.target_mask).sum(-1),
                     (obj.gather(ref_neg, negatives.labels) * negatives.target_mask).sum(-1))
-        return obj.gather(ref, batch.labels), obj.gather(ref, negatives)
+        return obj.gather(reference_log_probs, batch.labels), obj.gather(reference_log_probs, negatives)
 
     def _forward(self, batch: obj.TargetBatch, preserve: Preservation | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target log-probs, and (in the same pass) the preservation prompts' next-token log-probs."""
         if preserve is None:
             return obj.target_log_probs(self.model, batch), None
-        return obj.joint_log_probs(self.model, batch, preserve.input_ids, preserve.attention_mask)
+        return obj.joint_log_probs(self.model, batch, obj.unpad(preserve.input_ids, preserve.attention_mask))
 
     def _loss(self, log_probs: torch.Tensor, batch: obj.TargetBatch, negatives, mask: torch.Tensor,
               reference, cfg: EditConfig, preserve: Preservation | None = None,

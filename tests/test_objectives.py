@@ -228,7 +228,103 @@ def test_joint_forward_equals_separate_forwards(tiny_model, tokenizer):
     batch, _ = _batch(tokenizer, PAIRS)
     extra = tokenizer(["the capital of france is", "of"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        targets, nxt = obj.joint_log_probs(tiny_model, batch, extra.input_ids, extra.attention_mask)
+        targets, nxt = obj.joint_log_probs(tiny_model, batch, obj.unpad(extra.input_ids, extra.attention_mask))
         torch.testing.assert_close(targets, obj.target_log_probs(tiny_model, batch), atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(nxt, obj.next_token_log_probs(tiny_model, extra.input_ids, extra.attention_mask),
                                    atol=2e-5, rtol=1e-4)
+
+
+def _sequences():
+    lengths = [5, 1, 9, 3, 7, 2]
+    ids = torch.arange(3, 3 + sum(lengths)) % 120 + 3
+    sequences = list(ids.split(lengths))
+    keep = [torch.arange(len(s)) if i % 2 else torch.tensor([len(s) - 1]) for i, s in enumerate(sequences)]
+    return sequences, keep
+
+
+@pytest.mark.parametrize("pack_tokens", [512, 10])
+def test_packed_sequences_score_as_if_alone(tiny_model, monkeypatch, pack_tokens):
+    """Packing (one row, or several passes when the budget is small) equals scoring each sequence
+    on its own, and equals the left-padded fallback: no sequence sees another."""
+    monkeypatch.setattr(obj, "PACK_TOKENS", pack_tokens)
+    sequences, keep = _sequences()
+    calls = []
+    handle = tiny_model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    with torch.no_grad():
+        assert obj.packing_supported(tiny_model)
+        calls.clear()
+        packed = obj.sequence_log_probs(tiny_model, sequences, keep)
+        padded = obj._padded_log_probs(tiny_model, sequences, keep)
+        alone = [torch.log_softmax(tiny_model(input_ids=s[None]).logits[0, k].float(), -1)
+                 for s, k in zip(sequences, keep)]
+    handle.remove()
+    passes = calls[:len(calls) - 1 - len(sequences)]  # then one padded pass and one per sequence alone
+    assert len(passes) == (1 if pack_tokens == 512 else 4) and all(shape[0] == 1 for shape in passes)
+    for p, q, a in zip(packed, padded, alone):
+        torch.testing.assert_close(p, a, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(q, a, atol=2e-5, rtol=1e-4)
+
+
+def test_an_architecture_that_ignores_packing_gets_padded_rows(monkeypatch):
+    """A model whose every position sees everything before it, whatever the position ids, fails the
+    packing check; scoring then falls back to left-padded rows and stays right."""
+
+    class SeesEverything(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("CumulativeConfig", (), {})()
+            self.embed = torch.nn.Embedding(128, 16)
+            self.head = torch.nn.Linear(16, 128)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
+            x = self.embed(input_ids)
+            if attention_mask is not None:
+                x = x * attention_mask[..., None]
+            logits = self.head(x.cumsum(1))
+            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) and logits_to_keep else logits
+            return type("Out", (), {"logits": logits})()
+
+    torch.manual_seed(0)
+    model = SeesEverything()
+    sequences, keep = _sequences()
+    with torch.no_grad():
+        assert not obj.packing_supported(model)
+        scored = obj.sequence_log_probs(model, sequences, keep)
+        alone = [torch.log_softmax(model(s[None]).logits[0, k], -1) for s, k in zip(sequences, keep)]
+    for p, a in zip(scored, alone):
+        torch.testing.assert_close(p, a)
+
+
+@pytest.mark.parametrize("method", ["kdpo", "dpo"])
+def test_references_held_for_the_batch_equal_fresh_passes_without_the_adapter(tiny_model, tokenizer, monkeypatch,
+                                                                               method):
+    """The reference (trained adapter off) is computed once per batch - from the edit's first pass, while the
+    new adapter is still a no-op - and looked up each cycle; it must equal a fresh pass at every cycle,
+    on top of an earlier batch, for the edit's targets and for the preservation prompts."""
+    cfg = EditConfig(method=method, cycles=3, steps_per_cycle=2, learning_rate=5e-3, beta=1.0, preserve_weight=5.0,
+                     preserve_prompts=3)
+    editor = Editor(tiny_model, tokenizer, cfg)
+    editor.edit([EditRequest("the capital of spain is", "tokyo", subject="spain")], progress=False)
+    checked = {"targets": 0, "preservation": 0}
+    reference, loss = Editor._reference, Editor._loss
+
+    def checking_reference(self, batch, negatives, cfg, reference_log_probs, below):
+        with torch.no_grad(), adapters.only_adapters(self.model, below):
+            fresh = obj.target_log_probs(self.model, batch)
+        torch.testing.assert_close(reference_log_probs[batch.target_mask], fresh[batch.target_mask], atol=1e-5,
+                                   rtol=1e-4)
+        checked["targets"] += 1
+        return reference(self, batch, negatives, cfg, reference_log_probs, below)
+
+    def checking_loss(self, log_probs, batch, negatives, mask, reference_, cfg, preserve=None, kept=None):
+        if not checked["preservation"]:  # the first step: the batch below is what the answers must stay at
+            with torch.no_grad(), adapters.only_adapters(self.model, self.stack):
+                fresh = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
+            torch.testing.assert_close(preserve.reference, fresh, atol=1e-5, rtol=1e-4)
+            checked["preservation"] += 1
+        return loss(self, log_probs, batch, negatives, mask, reference_, cfg, preserve, kept)
+
+    monkeypatch.setattr(Editor, "_reference", checking_reference)
+    monkeypatch.setattr(Editor, "_loss", checking_loss)
+    result = editor.edit([EditRequest("the capital of japan is", "rome", subject="japan")], progress=False)
+    assert result.cycles >= 2 and checked["targets"] >= 2 and checked["preservation"] == 1
