@@ -49,6 +49,8 @@ def main() -> None:
     if not published:
         settings["method"] = args.method
     loaded = load_model(args.model, "none" if published else args.quantization)
+    header = {"command": " ".join(sys.argv), "method": args.method, "n": args.n, "batch": args.batch,
+              "data": args.data, "settings": settings}
     tokenizer = loaded.tokenizer
     with tempfile.TemporaryDirectory() as store:
         ke = None if published else KnowledgeEditor(loaded, store, overrides=settings)
@@ -81,6 +83,10 @@ def main() -> None:
                 point = {"edits": done, **{k: v for k, v in summarise(rows).items() if k in CURVE_KEYS}}
                 curve.append(point)
                 print(f"[{args.method}] {point}", flush=True)
+                if done < len(requests):  # a long run leaves its curve so far on disk, marked unfinished
+                    write(args.out, {**header, "unfinished": True, "curve": curve,
+                                     "right_after_each_edit": summarise(right_after),
+                                     "median_seconds_per_batch": statistics.median(seconds) if seconds else None})
         final = summarise(score(model(), tokenizer, requests, pre, generation=not args.no_generation))
         final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
         final["fluency_before"] = fluency_before
@@ -88,8 +94,7 @@ def main() -> None:
                "median_seconds_per_batch": statistics.median(seconds), "skipped_already_satisfied": skipped}
     print("final:", {k: round(v, 4) for k, v in final.items()})
     print("right after:", {k: round(v, 4) for k, v in summary["right_after_each_edit"].items()})
-    write(args.out, {"command": " ".join(sys.argv), "method": args.method, "n": args.n, "batch": args.batch,
-                     "data": args.data, "settings": settings, **summary})
+    write(args.out, {**header, **summary})
 
 
 def _published_args(settings: dict) -> dict:
