@@ -85,7 +85,8 @@ class Preservation:
 
     @property
     def reference(self) -> torch.Tensor:
-        return torch.cat([t for t in (self.own_reference, self.anchor_reference) if t is not None])
+        parts = [t for t in (self.own_reference, self.anchor_reference) if t is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # read at every step: no copy when one part
 
 
 def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int) -> list[str]:
