@@ -267,12 +267,13 @@ class Editor:
         cycles_run = 0
         # the reference's log-probs at the target positions do not change while this batch trains; in
         # the first phase the pass edit() made before any step (new adapter a no-op) already is it
-        reference_log_probs = None
-        if cfg.method != "sft" and first is not None:
-            reference_log_probs = first[0].detach()
-        elif cfg.method != "sft":
-            with torch.no_grad(), adapters.only_adapters(self.model, below):
-                reference_log_probs = obj.target_log_probs(self.model, batch)
+        reference_log_probs = None  # SFT has no reference
+        if cfg.method != "sft":
+            if first is not None:
+                reference_log_probs = first[0].detach()
+            else:
+                with torch.no_grad(), adapters.only_adapters(self.model, below):
+                    reference_log_probs = obj.target_log_probs(self.model, batch)
         for cycle in bar:
             # the pass edit() already made, before any step, serves as the first cycle's
             log_probs, kept = first if cycle == 0 and first is not None else self._forward(batch, preserve)

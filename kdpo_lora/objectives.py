@@ -32,7 +32,6 @@ class TargetBatch:
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
-    position_ids: torch.Tensor  # [B, L], counted from each row's first real token
     labels: torch.Tensor  # [B, K]: the last K tokens of every row
     target_mask: torch.Tensor  # [B, K] bool: True where labels are target tokens
     prompt_lengths: list[int]
@@ -85,11 +84,9 @@ def collate(prompts: list[list[int]], targets: list[list[int]], pad_id: int, dev
         input_ids[i, width - len(row):] = torch.tensor(row)
         attention_mask[i, width - len(row):] = 1
         target_mask[i, k - len(target):] = True
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return TargetBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
         labels=input_ids[:, width - k:].to(device),
         target_mask=target_mask.to(device),
         prompt_lengths=[len(p) for p in prompts],
