@@ -3,6 +3,7 @@ at checkpoints (the curve for the plot) and after the last edit (the papers' con
 
     python benchmarks/quality.py --method kdpo --n 100 --batch 10 --out benchmarks/results/q_kdpo_cf_100x10.json
     python benchmarks/quality.py --method published --n 100 --batch 1 ...   # the authors' set-up (dense layer)
+    python benchmarks/quality.py --n 1000 --batch 10 --store /tmp/q1000 ...  # rerun the same line to resume
 
 Methods: kdpo, dpo, sft, kdpo_free (KDPO without teacher forcing) - all on the same LoRA set-up
 through the adapter store - and `published` (fp32, one dense MLP down-projection, deep-copied
@@ -11,6 +12,8 @@ reference; see published_kdpo.py). Locality is always measured against the unedi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from kdpo_lora.evaluate import evaluate_request, fluency, pre_edit_locality, sum
 from kdpo_lora.loading import load_model  # noqa: E402
 from kdpo_lora.requests import read_requests  # noqa: E402
 from kdpo_lora.session import KnowledgeEditor  # noqa: E402
+from kdpo_lora.store import DEFAULT_PROFILE  # noqa: E402
 
 CURVE_KEYS = ("edit_success", "rephrase_acc", "locality")
 
@@ -40,7 +44,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpoints", type=int, default=5, help="curve points over the run")
     p.add_argument("--no-generation", action="store_true")
+    p.add_argument("--store", help="keep the adapter store (and the run's progress) here; running the same "
+                                   "command again resumes after the last finished batch")
     args = p.parse_args()
+    if args.store and args.method == "published":
+        p.error("--store needs a LoRA method: the published set-up edits dense weights in memory")
     if args.threads:
         torch.set_num_threads(args.threads)
     requests = read_requests(args.data)[: args.n]
@@ -52,14 +60,16 @@ def main() -> None:
     header = {"command": " ".join(sys.argv), "method": args.method, "n": args.n, "batch": args.batch,
               "data": args.data, "settings": settings}
     tokenizer = loaded.tokenizer
-    with tempfile.TemporaryDirectory() as store:
+    with (contextlib.nullcontext(args.store) if args.store else tempfile.TemporaryDirectory()) as store:
         ke = None if published else KnowledgeEditor(loaded, store, overrides=settings)
         model = lambda: loaded.model if published else ke.model  # noqa: E731
-        pre = pre_edit_locality(model(), tokenizer, requests)
+        pre = pre_edit_locality(model(), tokenizer, requests)  # nothing is active before the first edit
         fluency_before = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
-        right_after, curve, seconds, skipped = [], [], [], 0
+        progress = Progress(Path(store) / "quality_progress.json", header) if args.store else None
+        state = progress.resume(ke) if progress else Progress.empty()
+        right_after, curve, seconds, skipped = state["right_after"], state["curve"], state["seconds"], state["skipped"]
         every = max(args.batch, (args.n // args.checkpoints) // args.batch * args.batch)
-        for start in range(0, len(requests), args.batch):
+        for start in range(state["done"], len(requests), args.batch):
             batch = requests[start:start + args.batch]
             began = time.perf_counter()
             edited = True
@@ -87,6 +97,10 @@ def main() -> None:
                     write(args.out, {**header, "unfinished": True, "curve": curve,
                                      "right_after_each_edit": summarise(right_after),
                                      "median_seconds_per_batch": statistics.median(seconds) if seconds else None})
+            if progress:
+                progress.save(ke, done=done, right_after=right_after, curve=curve, seconds=seconds, skipped=skipped)
+        if ke and DEFAULT_PROFILE in ke.store(create=True).profiles():
+            ke.use(DEFAULT_PROFILE)  # a resumed run that had nothing left to edit
         final = summarise(score(model(), tokenizer, requests, pre, generation=not args.no_generation))
         final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
         final["fluency_before"] = fluency_before
@@ -95,6 +109,41 @@ def main() -> None:
     print("final:", {k: round(v, 4) for k, v in final.items()})
     print("right after:", {k: round(v, 4) for k, v in summary["right_after_each_edit"].items()})
     write(args.out, {**header, **summary})
+
+
+class Progress:
+    """A run's state next to its store, saved after every batch, so a long run can be resumed.
+
+    The store holds the edits; this file holds what was measured. A batch stored after the last save
+    (the run stopped in between) is rolled back on resume, so both agree.
+    """
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header = path, header
+
+    @staticmethod
+    def empty() -> dict:
+        return {"done": 0, "right_after": [], "curve": [], "seconds": [], "skipped": 0, "batches": []}
+
+    def resume(self, ke: KnowledgeEditor) -> dict:
+        if not self.path.is_file():
+            return self.empty()
+        state = json.loads(self.path.read_text())
+        fixed = ("method", "n", "batch", "data", "settings")
+        if {k: state["header"][k] for k in fixed} != {k: self.header[k] for k in fixed}:
+            raise SystemExit(f"{self.path} belongs to another run ({state['header']['command']}); "
+                             "use another --store")
+        stored = ke.store().profile(DEFAULT_PROFILE) if DEFAULT_PROFILE in ke.store().profiles() else []
+        for extra in [b for b in stored if b not in state["batches"]]:
+            ke.rollback(extra)
+        print(f"resuming after {state['done']} edits ({len(state['batches'])} stored batches)", flush=True)
+        return state
+
+    def save(self, ke: KnowledgeEditor, **state) -> None:
+        batches = ke.store().profile(DEFAULT_PROFILE) if DEFAULT_PROFILE in ke.store().profiles() else []
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"header": self.header, "batches": batches, **state}))
+        tmp.replace(self.path)
 
 
 def _published_args(settings: dict) -> dict:
