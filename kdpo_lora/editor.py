@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import adapters
 from . import objectives as obj
 from .config import EditConfig
-from .nullspace import Confinement, generic_texts, lora_layers, null_space_bases, protected_directions
+from .nullspace import Confinement, generic_texts, lora_layers, null_space_bases
 from .prefix import frozen_prefix
 from .errors import NumericalError, RequestError
 from .requests import EditRequest, check_batch
@@ -164,7 +164,7 @@ class Editor:
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
-            confine = self._confinement(name, cfg, requests) if cfg.null_space > 0 or cfg.protect_swaps > 0 else None
+            confine = self._confinement(name, cfg.null_space) if cfg.null_space > 0 else None
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
                 preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
@@ -246,22 +246,13 @@ class Editor:
                                                                          preserve.attention_mask[own:])
         return preserve
 
-    def _confinement(self, name: str, cfg: EditConfig, requests: Sequence[EditRequest]) -> Confinement:
-        """Adapter `name`'s A matrices held in each layer's null space of generic text, and off the
-        inputs of the requests' subject swaps (nullspace.py)."""
+    def _confinement(self, name: str, energy: float) -> Confinement:
+        """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py)."""
         modules = sorted(lora_layers(self.model, name))
-        bases = None
-        if cfg.null_space > 0:
-            energy = cfg.null_space
-            if any((path, energy) not in self._null_bases for path in modules):
-                computed = null_space_bases(self.model, self.tokenizer, modules, energy, generic_texts())
-                self._null_bases.update({(path, energy): basis for path, basis in computed.items()})
-            bases = {path: self._null_bases[path, energy] for path in modules}
-        excluded = None
-        swaps = preservation_prompts(requests, cfg.protect_swaps, cfg.seed + 1) if cfg.protect_swaps > 0 else []
-        if swaps:
-            excluded = protected_directions(self.model, self.tokenizer, [p.rstrip() for p in swaps], modules, bases)
-        return Confinement(self.model, name, bases, excluded)
+        if any((path, energy) not in self._null_bases for path in modules):
+            bases = null_space_bases(self.model, self.tokenizer, modules, energy, generic_texts())
+            self._null_bases.update({(path, energy): basis for path, basis in bases.items()})
+        return Confinement(self.model, name, {path: self._null_bases[path, energy] for path in modules})
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
                below: list[str], progress: bool, preserve: Preservation | None = None,

@@ -6,11 +6,6 @@ on such text (nearly) unchanged, whatever B learns: the edit has to be written i
 the edited prompt uses and unrelated text does not. `Confinement` projects the trained adapter's A
 onto that span at the start and after every optimiser step. The bases depend only on the base model and
 the text, so they are computed once per model and cached (safetensors) beside the NF4 checkpoints.
-
-`protected_directions` goes one step further for a batch's own neighbourhood (its prompts with other
-subjects, the same relation): A must annihilate every input those prompts give each adapted layer, so
-the update is exactly zero on them at every position and layer - they keep their answers exactly, and
-the edit has to be written into what is specific to its subject.
 """
 
 from __future__ import annotations
@@ -55,22 +50,23 @@ def lora_layers(model: torch.nn.Module, name: str) -> dict[str, LoraLayer]:
             if isinstance(module, LoraLayer) and name in module.lora_A}
 
 
-def _module_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], modules: Iterable[str], on_input,
-                   max_length: int = 128, batch_size: int = 8) -> int:
-    """Run `texts` through the model as it is and call `on_input(path, rows)` with each wanted module's
-    input rows (fp32, padding left out). Returns the number of tokens seen."""
+def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], modules: Iterable[str],
+                      max_length: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Uncentred second moment (X^T X / tokens, fp32) of each module's inputs over `texts`, no adapter active."""
     wanted = set(modules)
-    real_tokens: list[torch.Tensor] = []  # the current batch's attention mask
+    sums: dict[str, torch.Tensor] = {}
+    real_tokens: list[torch.Tensor] = []  # the current batch's attention mask: padding is left out
 
     def record(path: str):
         def hook(module, args):
-            on_input(path, args[0].detach().float()[real_tokens[-1]])
+            x = args[0].detach().float()[real_tokens[-1]]
+            sums[path] = sums[path] + x.T @ x if path in sums else x.T @ x
         return hook
 
     handles = [m.register_forward_pre_hook(record(p)) for p, m in model.named_modules() if p in wanted]
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), adapters.only_adapters(model, ()):
             for start in range(0, len(texts), batch_size):
                 encoded = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                                     truncation=True, max_length=max_length).to(device)
@@ -79,37 +75,8 @@ def _module_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], modu
     finally:
         for handle in handles:
             handle.remove()
-    return sum(int(mask.sum()) for mask in real_tokens)
-
-
-def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], modules: Iterable[str],
-                      max_length: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Uncentred second moment (X^T X / tokens, fp32) of each module's inputs over `texts`, no adapter active."""
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(path: str, x: torch.Tensor) -> None:
-        sums[path] = sums[path] + x.T @ x if path in sums else x.T @ x
-
-    with adapters.only_adapters(model, ()):
-        count = _module_inputs(model, tokenizer, texts, modules, add, max_length, batch_size)
+    count = sum(int(mask.sum()) for mask in real_tokens)
     return {path: total / count for path, total in sums.items()}
-
-
-def protected_directions(model: torch.nn.Module, tokenizer, texts: Sequence[str], modules: Iterable[str],
-                         bases: dict[str, torch.Tensor] | None = None, tolerance: float = 1e-4) -> dict[str, torch.Tensor]:
-    """Orthonormal columns spanning every input each module gets from `texts` (with the adapters now
-    active), within its null-space basis where one is given: the directions A must not read."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    _module_inputs(model, tokenizer, texts, modules, lambda path, x: rows.setdefault(path, []).append(x))
-    directions = {}
-    for path, parts in rows.items():
-        inputs = torch.cat(parts)
-        if bases is not None:
-            inputs = (inputs @ bases[path]) @ bases[path].T
-        _, values, vectors = torch.linalg.svd(inputs.double(), full_matrices=False)
-        keep = values > tolerance * values.max().clamp_min(1e-30)
-        directions[path] = vectors[keep].T.float().contiguous()
-    return directions
 
 
 def null_space_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
@@ -138,23 +105,16 @@ def null_space_bases(model: torch.nn.Module, tokenizer, modules: Sequence[str], 
 
 
 class Confinement:
-    """Keeps adapter `name`'s A matrices inside the spans of the given bases (all of the input space for a
-    module without one) and off the `excluded` directions (orthonormal columns inside those spans)."""
+    """Keeps adapter `name`'s A matrices inside the spans of the given bases while it trains."""
 
-    def __init__(self, model: torch.nn.Module, name: str, bases: dict[str, torch.Tensor] | None = None,
-                 excluded: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: torch.nn.Module, name: str, bases: dict[str, torch.Tensor]):
         self.weights = []
         for path, module in lora_layers(model, name).items():
             weight = module.lora_A[name].weight
-            basis, away = (bases or {}).get(path), (excluded or {}).get(path)
-            self.weights.append((weight, None if basis is None else basis.to(weight.device, weight.dtype),
-                                 None if away is None else away.to(weight.device, weight.dtype)))
+            self.weights.append((weight, bases[path].to(weight.device, weight.dtype)))
         self.project()
 
     @torch.no_grad()
     def project(self) -> None:
-        for weight, basis, away in self.weights:
-            if basis is not None:
-                weight.copy_((weight @ basis) @ basis.T)
-            if away is not None:
-                weight.sub_((weight @ away) @ away.T)
+        for weight, basis in self.weights:
+            weight.copy_((weight @ basis) @ basis.T)

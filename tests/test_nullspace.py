@@ -84,28 +84,3 @@ def test_bases_are_cached_per_model_and_a_damaged_entry_is_recomputed(tiny_model
     cached = null_space_bases(model, tokenizer, modules, 0.05, GENERIC)
     assert all(torch.equal(first[m], cached[m]) for m in modules)
     assert len(list((tmp_path / "nullspace").glob("*.safetensors"))) == 1
-
-
-def test_protected_subject_swaps_keep_their_outputs_exactly(tokenizer):
-    from conftest import make_model
-
-    from kdpo_lora.editor import preservation_prompts
-    from kdpo_lora.loading import prepare_model
-
-    request = EditRequest("the eiffel tower is located in the city of", "rome", subject="the eiffel tower")
-    for swaps in (0, 4):
-        model = prepare_model(make_model())
-        editor = Editor(model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0, protect_swaps=swaps))
-        protected = preservation_prompts([request], 4, editor.config.seed + 1)
-        encoded = tokenizer(protected, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            before = editor.model(**encoded).logits
-        result = editor.edit([request], progress=False)
-        assert result.results[0].success
-        with torch.no_grad():
-            after = editor.model(**encoded).logits
-        moved = float((after - before)[encoded.attention_mask.bool()].abs().max())
-        if swaps:
-            assert moved < 1e-4, moved  # the update is zero on every input those prompts give every layer
-        else:
-            assert moved > 1e-2, moved
