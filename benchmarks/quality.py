@@ -99,7 +99,7 @@ def main() -> None:
                                      "median_seconds_per_batch": statistics.median(seconds) if seconds else None})
             if progress:
                 progress.save(ke, done=done, right_after=right_after, curve=curve, seconds=seconds, skipped=skipped)
-        if ke and DEFAULT_PROFILE in ke.store(create=True).profiles():
+        if ke and _stored_batches(ke):
             ke.use(DEFAULT_PROFILE)  # a resumed run that had nothing left to edit
         final = summarise(score(model(), tokenizer, requests, pre, generation=not args.no_generation))
         final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
@@ -133,17 +133,20 @@ class Progress:
         if {k: state["header"][k] for k in fixed} != {k: self.header[k] for k in fixed}:
             raise SystemExit(f"{self.path} belongs to another run ({state['header']['command']}); "
                              "use another --store")
-        stored = ke.store().profile(DEFAULT_PROFILE) if DEFAULT_PROFILE in ke.store().profiles() else []
-        for extra in [b for b in stored if b not in state["batches"]]:
+        for extra in [b for b in _stored_batches(ke) if b not in state["batches"]]:
             ke.rollback(extra)
         print(f"resuming after {state['done']} edits ({len(state['batches'])} stored batches)", flush=True)
         return state
 
     def save(self, ke: KnowledgeEditor, **state) -> None:
-        batches = ke.store().profile(DEFAULT_PROFILE) if DEFAULT_PROFILE in ke.store().profiles() else []
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"header": self.header, "batches": batches, **state}))
+        tmp.write_text(json.dumps({"header": self.header, "batches": _stored_batches(ke), **state}))
         tmp.replace(self.path)
+
+
+def _stored_batches(ke: KnowledgeEditor) -> list[str]:
+    store = ke.store(create=True)
+    return store.profile(DEFAULT_PROFILE) if DEFAULT_PROFILE in store.profiles() else []
 
 
 def _published_args(settings: dict) -> dict:
