@@ -43,6 +43,7 @@ class EditConfig:
     layers: tuple[int, ...] | None = None
     skip_lower_layers: float = 0.0  # with `layers` unset: the fraction of lowest layers left without LoRA
     null_space: float = 0.0  # > 0: LoRA inputs confined to the lowest-variance directions holding this share
+    null_space_samples: int = 256  # passages the base model writes, added to the generic text the null space is from
     seed: int = 0
     max_target_tokens: int = 64
 
@@ -56,8 +57,8 @@ class EditConfig:
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
         for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay",
-                     "anchors"):
-            value, may_be_zero = getattr(self, name), name in ("replay", "anchors")
+                     "anchors", "null_space_samples"):
+            value, may_be_zero = getattr(self, name), name in ("replay", "anchors", "null_space_samples")
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if may_be_zero else 1):
                 raise ConfigError(f"{name}: must be a {'non-negative' if may_be_zero else 'positive'} integer, "
                                   f"got {value!r}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import adapters
 from . import objectives as obj
 from .config import EditConfig
-from .nullspace import Confinement, generic_texts, lora_layers, null_space_bases
+from .nullspace import Confinement, generic_texts, lora_layers, null_space_bases, sampled_texts
 from .prefix import frozen_prefix
 from .errors import NumericalError, RequestError
 from .requests import EditRequest, check_batch
@@ -116,7 +116,7 @@ class Editor:
         self.config = config or EditConfig()
         self.stack: list[str] = []
         self.cache_prefix = True  # see prefix.py; off only to compare against
-        self._null_bases: dict[tuple[str, float], torch.Tensor] = {}  # see nullspace.py
+        self._null_bases: dict[tuple[str, float, int], torch.Tensor] = {}  # see nullspace.py
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +164,7 @@ class Editor:
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
-            confine = self._confinement(name, cfg.null_space) if cfg.null_space > 0 else None
+            confine = self._confinement(name, cfg, progress) if cfg.null_space > 0 else None
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
                 preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
@@ -246,13 +246,16 @@ class Editor:
                                                                          preserve.attention_mask[own:])
         return preserve
 
-    def _confinement(self, name: str, energy: float) -> Confinement:
+    def _confinement(self, name: str, cfg: EditConfig, progress: bool) -> Confinement:
         """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py)."""
         modules = sorted(lora_layers(self.model, name))
-        if any((path, energy) not in self._null_bases for path in modules):
-            bases = null_space_bases(self.model, self.tokenizer, modules, energy, generic_texts())
-            self._null_bases.update({(path, energy): basis for path, basis in bases.items()})
-        return Confinement(self.model, name, {path: self._null_bases[path, energy] for path in modules})
+        key = (cfg.null_space, cfg.null_space_samples)
+        if any((path, *key) not in self._null_bases for path in modules):
+            texts = generic_texts() + sampled_texts(self.model, self.tokenizer, cfg.null_space_samples,
+                                                    progress=progress)
+            bases = null_space_bases(self.model, self.tokenizer, modules, cfg.null_space, texts)
+            self._null_bases.update({(path, *key): basis for path, basis in bases.items()})
+        return Confinement(self.model, name, {path: self._null_bases[path, *key] for path in modules})
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
                below: list[str], progress: bool, preserve: Preservation | None = None,

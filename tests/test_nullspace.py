@@ -55,7 +55,8 @@ def test_confined_edit_writes_the_fact_and_leaves_generic_text_alone(tokenizer, 
         encoded = tokenizer(GENERIC, return_tensors="pt", padding=True)
         with torch.no_grad():
             reference = model(**encoded).logits.log_softmax(-1)
-        editor = Editor(model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0, null_space=energy))
+        editor = Editor(model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0, null_space=energy,
+                                                     null_space_samples=0))  # the bases come from GENERIC alone
         result = editor.edit([request], progress=False)
         assert result.results[0].success
         drift[energy] = _drift(editor.model, tokenizer, reference)
@@ -84,3 +85,27 @@ def test_bases_are_cached_per_model_and_a_damaged_entry_is_recomputed(tiny_model
     cached = null_space_bases(model, tokenizer, modules, 0.05, GENERIC)
     assert all(torch.equal(first[m], cached[m]) for m in modules)
     assert len(list((tmp_path / "nullspace").glob("*.safetensors"))) == 1
+
+
+def test_sampled_texts_are_the_models_own_reproducible_and_cached(tiny_model, tokenizer, tmp_path, monkeypatch):
+    from kdpo_lora.nullspace import sampled_texts
+
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path))
+    monkeypatch.setattr("kdpo_lora.nullspace.generic_texts", lambda: GENERIC)
+    rng_before = torch.get_rng_state()
+    texts = sampled_texts(tiny_model, tokenizer, 20, max_new_tokens=6)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random stream is left alone
+    assert len(texts) == 20 and len(set(texts)) > 10
+    openers = {" ".join(g.split()[:2]) for g in GENERIC}
+    assert all(" ".join(t.split()[:2]) in openers for t in texts)
+    assert sum(len(t.split()) > 2 for t in texts) >= 15  # continued (a few stop early at end-of-text)
+    [entry] = (tmp_path / "nullspace").glob("texts-*.json")
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: pytest.fail("not read from the cache"))
+    assert sampled_texts(tiny_model, tokenizer, 20, max_new_tokens=6) == texts
+    monkeypatch.undo()
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path))
+    monkeypatch.setattr("kdpo_lora.nullspace.generic_texts", lambda: GENERIC)
+    entry.write_text("[1, 2", encoding="utf-8")  # damaged: sampled again, the same passages
+    assert sampled_texts(tiny_model, tokenizer, 20, max_new_tokens=6) == texts
+    assert sampled_texts(tiny_model, tokenizer, 20, max_new_tokens=6, seed=1) != texts
+    assert sampled_texts(tiny_model, tokenizer, 0) == []
