@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .errors import KdpoError, RequestError
+from .errors import KdpoError, KdpoWarning, RequestError
 from .loading import DEFAULT_MODEL
 
 DEMO_EDITS = [  # prompt, new target, subject, paraphrase
@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
     """Keep library chatter (transformers progress, bitsandbytes' optional-kernel notice) off the terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", category=KdpoWarning)  # ours are meant for the user: one line each
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     for name in ("transformers", "bitsandbytes", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -239,6 +241,9 @@ def cmd_estimate(args) -> None:
         for part, gib in report[key].items():
             print(f"      {part:<24} {gib:8.3f} GiB")
     print(f"  ratio: {report['ratio']:.3f} (estimate; add the CUDA context, about 0.3-0.5 GiB, on a GPU)")
+    if settings.null_space > 0 and not report["null_space"]:
+        print(f"  null space: off on this model (its covariances would need {report['null_space_gib']:.1f} GiB, "
+              f"over null_space_max_gb {settings.null_space_max_gb:g})")
 
 
 def cmd_store(args) -> None:

@@ -44,6 +44,7 @@ class EditConfig:
     skip_lower_layers: float = 0.0  # with `layers` unset: the fraction of lowest layers left without LoRA
     null_space: float = 0.0  # > 0: LoRA inputs confined to the lowest-variance directions holding this share
     null_space_samples: int = 256  # passages the base model writes, added to the generic text the null space is from
+    null_space_max_gb: float = 2.0  # the null space is skipped (with a notice) where its d x d covariances exceed this
     seed: int = 0
     max_target_tokens: int = 64
 
@@ -62,7 +63,7 @@ class EditConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if may_be_zero else 1):
                 raise ConfigError(f"{name}: must be a {'non-negative' if may_be_zero else 'positive'} integer, "
                                   f"got {value!r}")
-        for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha"):
+        for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha", "null_space_max_gb"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
@@ -104,7 +105,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
     for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha",
-                "skip_lower_layers", "null_space"):
+                "skip_lower_layers", "null_space", "null_space_max_gb"):
         if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string
             try:
                 out[key] = float(out[key])

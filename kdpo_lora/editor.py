@@ -20,6 +20,7 @@ import random
 from contextlib import nullcontext
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +31,9 @@ from tqdm.auto import tqdm
 from . import adapters
 from . import objectives as obj
 from .config import EditConfig
-from .nullspace import Confinement, generic_texts, lora_layers, null_space_bases, sampled_texts
+from .nullspace import Confinement, covariance_bytes, generic_texts, lora_layers, null_space_bases, sampled_texts
 from .prefix import frozen_prefix
-from .errors import NumericalError, RequestError
+from .errors import KdpoWarning, NumericalError, RequestError
 from .requests import EditRequest, check_batch
 
 
@@ -117,6 +118,7 @@ class Editor:
         self.stack: list[str] = []
         self.cache_prefix = True  # see prefix.py; off only to compare against
         self._null_bases: dict[tuple[str, float, int], torch.Tensor] = {}  # see nullspace.py
+        self._null_space_refused = False  # the notice that the null space is too large is given once
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +166,7 @@ class Editor:
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
-            confine = self._confinement(name, cfg, progress) if cfg.null_space > 0 else None
+            confine = self._confinement(name, cfg, progress)
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
                 preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
@@ -246,14 +248,25 @@ class Editor:
                                                                          preserve.attention_mask[own:])
         return preserve
 
-    def _confinement(self, name: str, cfg: EditConfig, progress: bool) -> Confinement:
-        """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py)."""
+    def _confinement(self, name: str, cfg: EditConfig, progress: bool) -> Confinement | None:
+        """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py); None
+        when `null_space` is off, or on where its covariances would need more than `null_space_max_gb`."""
+        if cfg.null_space <= 0:
+            return None
+        needed = covariance_bytes(self.model, name) / 1024 ** 3
+        if needed > cfg.null_space_max_gb:
+            if not self._null_space_refused:
+                warnings.warn(f"editing without the null space: on this model it needs {needed:.2g} GB "
+                              f"(null_space_max_gb: {cfg.null_space_max_gb:g}); raise that limit to use it anyway",
+                              KdpoWarning, stacklevel=3)
+                self._null_space_refused = True
+            return None
         modules = sorted(lora_layers(self.model, name))
         key = (cfg.null_space, cfg.null_space_samples)
         if any((path, *key) not in self._null_bases for path in modules):
             texts = generic_texts() + sampled_texts(self.model, self.tokenizer, cfg.null_space_samples,
                                                     progress=progress)
-            bases = null_space_bases(self.model, self.tokenizer, modules, cfg.null_space, texts)
+            bases = null_space_bases(self.model, self.tokenizer, modules, cfg.null_space, texts, progress)
             self._null_bases.update({(path, *key): basis for path, basis in bases.items()})
         return Confinement(self.model, name, {path: self._null_bases[path, *key] for path in modules})
 

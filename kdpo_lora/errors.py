@@ -32,3 +32,7 @@ class StoreError(KdpoError):
 
 class IntegrityError(StoreError):
     """A stored adapter that fails verification: tampered, foreign base model, or not safetensors."""
+
+
+class KdpoWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI shows these as one line)."""

@@ -28,6 +28,9 @@ from .loading import base_fingerprint, cache_dir
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 # Wikipedia-style text that no benchmark here edits or scores (CounterFact and zsRE are left out)
+# the embedded SmolLM2's own passages at the default settings (what `sampled_texts` would write, sampled
+# once here with seed 0), so a fresh install does not spend minutes of CPU sampling them
+SHIPPED_TEXTS = Path(__file__).resolve().parent / "data" / "nullspace"
 GENERIC_FILES = ("knowedit_wikibio_test.jsonl", "knowedit_wiki_recent_train.jsonl",
                  "knowedit_wiki_counterfact_train.jsonl")
 
@@ -57,13 +60,12 @@ def sampled_texts(model: torch.nn.Module, tokenizer, count: int, max_new_tokens:
     if count <= 0:
         return []
     key = json.dumps([base_fingerprint(model), count, max_new_tokens, seed])
-    path = cache_dir() / "nullspace" / f"texts-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    try:
-        texts = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(texts, list) and len(texts) == count and all(isinstance(t, str) for t in texts):
+    filename = f"texts-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    path = cache_dir() / "nullspace" / filename
+    for known in (path, SHIPPED_TEXTS / filename):
+        texts = _read_texts(known, count)
+        if texts is not None:
             return texts
-    except (OSError, ValueError):
-        pass  # not sampled yet, or a damaged entry: sample again
     firsts = [" ".join(text.split()[:2]) for text in generic_texts()]
     openers = [firsts[(7 * i) % len(firsts)] for i in range(count)]  # a stride: openers from every file
     device = next(model.parameters()).device
@@ -83,14 +85,34 @@ def sampled_texts(model: torch.nn.Module, tokenizer, count: int, max_new_tokens:
     return texts
 
 
+def _read_texts(path: Path, count: int) -> list[str] | None:
+    """The `count` passages stored at `path`; None where there are none (not sampled yet) or they are damaged."""
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(texts, list) and len(texts) == count and all(isinstance(t, str) for t in texts):
+        return texts
+    return None
+
+
 def lora_layers(model: torch.nn.Module, name: str) -> dict[str, LoraLayer]:
     """The modules that hold adapter `name`, by module name."""
     return {path: module for path, module in model.named_modules()
             if isinstance(module, LoraLayer) and name in module.lora_A}
 
 
+def covariance_bytes(model: torch.nn.Module, name: str) -> int:
+    """Bytes of the fp32 d x d input covariances the null space of adapter `name`'s layers needs at once.
+
+    The null space's memory grows with the square of each adapted layer's input width: 0.2 GB on
+    SmolLM2-135M, about 20 GB on Llama-3-8B (d = 14336 for every down-projection).
+    """
+    return sum(4 * module.in_features ** 2 for module in lora_layers(model, name).values())
+
+
 def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], modules: Iterable[str],
-                      max_length: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
+                      max_length: int = 128, batch_size: int = 8, progress: bool = False) -> dict[str, torch.Tensor]:
     """Uncentred second moment (X^T X / tokens, fp32) of each module's inputs over `texts`, no adapter active."""
     wanted = set(modules)
     sums: dict[str, torch.Tensor] = {}
@@ -106,7 +128,8 @@ def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], m
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), adapters.only_adapters(model, ()):
-            for start in range(0, len(texts), batch_size):
+            for start in tqdm(range(0, len(texts), batch_size), desc="estimating the null space (once per model)",
+                              unit="batch", disable=not progress):
                 encoded = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                                     truncation=True, max_length=max_length).to(device)
                 real_tokens.append(encoded.attention_mask.bool())
@@ -126,7 +149,7 @@ def null_space_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
 
 
 def null_space_bases(model: torch.nn.Module, tokenizer, modules: Sequence[str], energy: float,
-                     texts: Sequence[str]) -> dict[str, torch.Tensor]:
+                     texts: Sequence[str], progress: bool = False) -> dict[str, torch.Tensor]:
     """`null_space_basis` of each module's inputs over `texts`, cached on disk per base model and settings."""
     key = json.dumps([base_fingerprint(model), energy, sorted(modules), list(texts)])
     path = cache_dir() / "nullspace" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
@@ -136,7 +159,7 @@ def null_space_bases(model: torch.nn.Module, tokenizer, modules: Sequence[str], 
             return bases
     except (OSError, SafetensorError):
         pass  # not computed yet, or a damaged entry: compute it again
-    covariances = input_covariances(model, tokenizer, texts, modules)
+    covariances = input_covariances(model, tokenizer, texts, modules, progress=progress)
     bases = {module: null_space_basis(covariances[module], energy) for module in modules}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save(bases))

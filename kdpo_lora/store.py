@@ -30,7 +30,7 @@ from typing import Iterable
 from filelock import FileLock, Timeout
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .errors import IntegrityError, StoreError
+from .errors import IntegrityError, KdpoWarning, StoreError
 from .fsutil import atomic_write_json, fsync_dir, fsync_tree, sha256_file
 from .requests import EditRequest, request_from_dict
 
@@ -328,4 +328,5 @@ def _now() -> str:
 
 def warn_superseded(found: dict[str, list[str]]) -> None:
     for key, batches in found.items():
-        warnings.warn(f"{key!r} was already edited by {', '.join(batches)}; the new edit supersedes it", stacklevel=3)
+        warnings.warn(f"{key!r} was already edited by {', '.join(batches)}; the new edit supersedes it", KdpoWarning,
+                      stacklevel=3)

@@ -8,7 +8,7 @@ import pytest
 
 from kdpo_lora import adapters
 from kdpo_lora.cli import main
-from kdpo_lora.config import EditConfig
+from kdpo_lora.config import EditConfig, resolve_config
 from kdpo_lora.estimate import count_parameters, estimate
 
 from conftest import make_model
@@ -24,10 +24,23 @@ def test_meta_counts_match_a_real_model_and_its_lora(tmp_path, layers):
     assert counts.lora == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
 
 
+def test_null_space_memory_counted_as_the_editor_counts_it():
+    from kdpo_lora.nullspace import covariance_bytes
+
+    model = make_model()
+    settings = EditConfig(null_space=0.01, skip_lower_layers=0.333)
+    counts = count_parameters(model.config, settings)
+    peft_model = adapters.add_adapter(model, "x", adapters.lora_config(settings, model.config.num_hidden_layers))
+    assert counts.null_space_bytes == covariance_bytes(peft_model, "x") > 0
+
+
 def test_llama3_8b_fits_an_8gb_gpu_and_the_published_setup_does_not():
-    report = estimate("llama-3-8b")
+    report = estimate("llama-3-8b", resolve_config("llama"))  # the shipped defaults, null space included
     assert 7.9e9 < report["parameters"] < 8.1e9
+    assert not report["null_space"] and report["null_space_gib"] > 15  # over null_space_max_gb: edited without
     assert report["kdpo_lora_total_gib"] <= 8.0
+    smollm2 = estimate("smollm2-135m", resolve_config("llama"))  # the embedded model: under the limit
+    assert smollm2["null_space"] and 0.1 < smollm2["kdpo_lora"]["null_space_covariances"] < 0.5
     assert report["published_total_gib"] > 55
     assert report["ratio"] < 0.35
 

@@ -70,6 +70,23 @@ def test_confined_edit_writes_the_fact_and_leaves_generic_text_alone(tokenizer, 
     assert drift[0.05] < 0.2 * drift[0.0]
 
 
+def test_null_space_over_its_memory_limit_is_skipped_with_one_notice(tokenizer, monkeypatch, tmp_path):
+    """A model whose covariances exceed `null_space_max_gb` (an 8B on a small GPU) is edited without it."""
+    from conftest import make_model
+
+    from kdpo_lora.errors import KdpoWarning
+    from kdpo_lora.loading import prepare_model
+
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path))
+    monkeypatch.setattr("kdpo_lora.editor.null_space_bases", lambda *a, **k: pytest.fail("bases computed"))
+    editor = Editor(prepare_model(make_model()), tokenizer,
+                    EditConfig(learning_rate=5e-3, beta=1.0, null_space=0.05, null_space_max_gb=1e-6))
+    with pytest.warns(KdpoWarning, match="without the null space: on this model it needs") as notices:
+        first = editor.edit([EditRequest("the eiffel tower is located in the city of", "rome")], progress=False)
+        editor.edit([EditRequest("the colosseum is located in the city of", "paris")], progress=False)
+    assert first.results[0].success and sum(n.category is KdpoWarning for n in notices) == 1
+
+
 def test_bases_are_cached_per_model_and_a_damaged_entry_is_recomputed(tiny_model, tokenizer, tmp_path, monkeypatch):
     from kdpo_lora.nullspace import null_space_bases
 

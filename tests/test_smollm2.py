@@ -31,3 +31,18 @@ def test_counterfactual_edit_changes_the_fact_and_nothing_unrelated(smollm2, tmp
     ke.rollback(result.adapter)
     assert ke.generate([EDIT.prompt] + UNRELATED, "default", max_new_tokens=6) == before
     assert ke.store().verify(ke.fingerprint) == []
+
+
+def test_shipped_passages_are_the_embedded_models_own(smollm2, tmp_path, monkeypatch):
+    """A fresh install finds the null space's sampled passages shipped instead of sampling them for minutes."""
+    from kdpo_lora.config import resolve_config
+    from kdpo_lora.nullspace import sampled_texts
+
+    settings = resolve_config(smollm2.model.config.model_type)
+    assert settings.null_space > 0  # the default for this family: the passages are needed on first use
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(smollm2.model, "generate", lambda *a, **k: pytest.fail("sampled instead of shipped"))
+    texts = sampled_texts(smollm2.model, smollm2.tokenizer, settings.null_space_samples, progress=False)
+    assert len(texts) == settings.null_space_samples and len(set(texts)) == len(texts)
+    lengths = sorted(len(smollm2.tokenizer(t).input_ids) for t in texts)
+    assert lengths[len(lengths) // 2] > 64  # passages (a few end early at the end-of-text token), not stubs
