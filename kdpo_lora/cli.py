@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stacked", type=int, default=0, help="earlier edit batches active")
     p.add_argument("--config", help="YAML file of edit settings (LoRA scope and rank)")
     p.add_argument("--rank", type=int, dest="lora_rank")
+    p.add_argument("--null-space", type=float, dest="null_space", help="count the null space's memory (e.g. 0.01)")
     p.add_argument("--json", action="store_true")
 
     store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
@@ -228,7 +229,7 @@ def cmd_estimate(args) -> None:
     from .estimate import estimate, load_config
 
     settings = resolve_config(getattr(load_config(args.model), "model_type", None), args.config,
-                              {"lora_rank": args.lora_rank})
+                              {"lora_rank": args.lora_rank, "null_space": args.null_space})
     report = estimate(args.model, settings, seq_len=args.seq_len, stacked=args.stacked)
     if args.json:
         print(json.dumps(report, indent=2))
