@@ -70,3 +70,15 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kdpo_lora.cli", "store", "ls", "--store", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no adapter store" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_notices_reach_the_terminal_as_one_line(tiny_model_dir, tmp_path):
+    """Library chatter is silenced in the CLI, but our own notices (here: an edit superseding another) are not."""
+    model = ["--model", str(tiny_model_dir), "--quantization", "none", "--store", str(tmp_path / "store")]
+    edit = [sys.executable, "-m", "kdpo_lora.cli", "edit", *model, *FAST, "--prompt", "the capital of japan is"]
+    first = subprocess.run(edit + ["--target", "rome"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "warning:" not in first.stderr
+    again = subprocess.run(edit + ["--target", "paris"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    [notice] = [line for line in again.stderr.splitlines() if line.startswith("warning:")]
+    assert "'the capital of japan is' was already edited by edit-" in notice and "supersedes it" in notice
