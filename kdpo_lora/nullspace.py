@@ -28,11 +28,11 @@ from .loading import base_fingerprint, cache_dir
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 # Wikipedia-style text that no benchmark here edits or scores (CounterFact and zsRE are left out)
+GENERIC_FILES = ("knowedit_wikibio_test.jsonl", "knowedit_wiki_recent_train.jsonl",
+                 "knowedit_wiki_counterfact_train.jsonl")
 # the embedded SmolLM2's own passages at the default settings (what `sampled_texts` would write, sampled
 # once here with seed 0), so a fresh install does not spend minutes of CPU sampling them
 SHIPPED_TEXTS = Path(__file__).resolve().parent / "data" / "nullspace"
-GENERIC_FILES = ("knowedit_wikibio_test.jsonl", "knowedit_wiki_recent_train.jsonl",
-                 "knowedit_wiki_counterfact_train.jsonl")
 
 
 def generic_texts() -> list[str]:
@@ -106,7 +106,7 @@ def covariance_bytes(model: torch.nn.Module, name: str) -> int:
     """Bytes of the fp32 d x d input covariances the null space of adapter `name`'s layers needs at once.
 
     The null space's memory grows with the square of each adapted layer's input width: 0.2 GB on
-    SmolLM2-135M, about 20 GB on Llama-3-8B (d = 14336 for every down-projection).
+    SmolLM2-135M, about 19 GiB on Llama-3-8B (d = 14336 for every down-projection).
     """
     return sum(4 * module.in_features ** 2 for module in lora_layers(model, name).values())
 

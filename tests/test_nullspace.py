@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -126,3 +128,19 @@ def test_sampled_texts_are_the_models_own_reproducible_and_cached(tiny_model, to
     assert sampled_texts(tiny_model, tokenizer, 20, max_new_tokens=6) == texts
     assert sampled_texts(tiny_model, tokenizer, 20, max_new_tokens=6, seed=1) != texts
     assert sampled_texts(tiny_model, tokenizer, 0) == []
+
+
+def test_shipped_passages_stand_in_for_an_empty_cache(tiny_model, tokenizer, tmp_path, monkeypatch):
+    from kdpo_lora.nullspace import sampled_texts
+
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("kdpo_lora.nullspace.generic_texts", lambda: GENERIC)
+    sampled = sampled_texts(tiny_model, tokenizer, 4, max_new_tokens=4)
+    [entry] = (tmp_path / "cache" / "nullspace").glob("texts-*.json")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / entry.name).write_text(json.dumps(["shipped passage"] * 4), encoding="utf-8")
+    entry.unlink()
+    monkeypatch.setattr("kdpo_lora.nullspace.SHIPPED_TEXTS", shipped)
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: pytest.fail("sampled instead of shipped"))
+    assert sampled_texts(tiny_model, tokenizer, 4, max_new_tokens=4) == ["shipped passage"] * 4 != sampled
