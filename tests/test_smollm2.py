@@ -38,10 +38,10 @@ def test_shipped_passages_are_the_embedded_models_own(smollm2, tmp_path, monkeyp
     from kdpo_lora.config import resolve_config
     from kdpo_lora.nullspace import sampled_texts
 
-    settings = resolve_config(smollm2.model.config.model_type, overrides={"null_space": 0.01})
+    count = resolve_config(smollm2.model.config.model_type).null_space_samples  # what `--null-space` uses
     monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path))
     monkeypatch.setattr(smollm2.model, "generate", lambda *a, **k: pytest.fail("sampled instead of shipped"))
-    texts = sampled_texts(smollm2.model, smollm2.tokenizer, settings.null_space_samples, progress=False)
-    assert len(texts) == settings.null_space_samples and len(set(texts)) == len(texts)
+    texts = sampled_texts(smollm2.model, smollm2.tokenizer, count, progress=False)
+    assert len(texts) == count and len(set(texts)) == len(texts)
     lengths = sorted(len(smollm2.tokenizer(t).input_ids) for t in texts)
     assert lengths[len(lengths) // 2] > 64  # passages (a few end early at the end-of-text token), not stubs
