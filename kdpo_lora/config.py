@@ -44,7 +44,7 @@ class EditConfig:
     skip_lower_layers: float = 0.0  # with `layers` unset: the fraction of lowest layers left without LoRA
     null_space: float = 0.0  # > 0: LoRA inputs confined to the lowest-variance directions holding this share
     null_space_samples: int = 256  # passages the base model writes, added to the generic text the null space is from
-    null_space_max_gb: float = 2.0  # the null space is skipped (with a notice) where its d x d covariances exceed this
+    null_space_max_gb: float = 2.0  # the null space is skipped (with a notice) where its d x d covariances exceed this (GiB)
     seed: int = 0
     max_target_tokens: int = 64
 

@@ -256,7 +256,7 @@ class Editor:
         needed = covariance_bytes(self.model, name) / 1024 ** 3
         if needed > cfg.null_space_max_gb:
             if not self._null_space_refused:
-                warnings.warn(f"editing without the null space: on this model it needs {needed:.2g} GB "
+                warnings.warn(f"editing without the null space: on this model it needs {needed:.2g} GiB "
                               f"(null_space_max_gb: {cfg.null_space_max_gb:g}); raise that limit to use it anyway",
                               KdpoWarning, stacklevel=3)
                 self._null_space_refused = True
