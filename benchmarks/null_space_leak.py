@@ -2,15 +2,18 @@
 inside the basis the edits are confined to (by construction 1% on the text it was estimated from).
 
 Bases from the shipped generic text alone, and from it plus half of the passages the base model writes
-itself (`sampled_texts`); measured on the other half of those passages (held out), on the locality
+itself (`sampled_texts`), each with every text's first token counted with the rest (one second moment
+over all tokens) and apart (`null_space_first_token: apart`); measured - on the tokens after the first,
+which is what an edit could disturb - on the other half of those passages (held out), on the locality
 prompts of `--data` (should stay out of the basis) and on its edit prompts (the edit has to be written
-through the basis).
+through the basis). Median and largest share over the adapted layers.
 
-    python benchmarks/null_space_leak.py --n 100 --out benchmarks/results/null_space_leak.json
+    python benchmarks/null_space_leak.py --n 100 --out benchmarks/results/null_space_leak_first_token.json
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -45,18 +48,20 @@ def main() -> None:
     measure = {"held-out samples": sampled[1::2],
                "locality prompts": [f"{q.prompt} {q.answer}" for r in requests for q in r.locality],
                "edit prompts": [r.prompt for r in requests]}
-    measured = {name: input_covariances(model, tokenizer, texts, every) for name, texts in measure.items()}
+    measured = {name: input_covariances(model, tokenizer, texts, every, "skip") for name, texts in measure.items()}
     rows = []
-    for source, texts in estimate.items():
-        covariances = input_covariances(model, tokenizer, texts, every)
+    for (source, texts), first_token in itertools.product(estimate.items(), ("with_rest", "apart")):
+        covariances = input_covariances(model, tokenizer, texts, every, first_token)
+        share = args.energy / 2 if first_token == "apart" else args.energy  # as `null_space_bases`
         for kind, paths in modules.items():
-            bases = {m: null_space_basis(covariances[m], args.energy) for m in paths}
-            row = {"bases from": source, "module": kind,
+            bases = {m: null_space_basis(covariances[m], share) for m in paths}
+            row = {"bases from": source, "first token": first_token, "module": kind,
                    "median dims": statistics.median(b.shape[1] for b in bases.values()),
-                   "input width": covariances[paths[0]].shape[0]}
+                   "input width": bases[paths[0]].shape[0]}
             for name, covs in measured.items():
-                row[f"{name}: energy share in basis (median)"] = statistics.median(
-                    float(torch.trace(bases[m].T @ covs[m] @ bases[m]) / torch.trace(covs[m])) for m in paths)
+                shares = [float(torch.trace(bases[m].T @ covs[m] @ bases[m]) / torch.trace(covs[m])) for m in paths]
+                row[f"{name}: energy share in basis (median)"] = statistics.median(shares)
+                row[f"{name}: energy share in basis (largest layer)"] = max(shares)
             rows.append(row)
             print(row, flush=True)
     write(args.out, {"command": " ".join(sys.argv), "data": args.data, "n": args.n, "energy": args.energy,

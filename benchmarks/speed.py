@@ -59,7 +59,7 @@ def child(mode: str, model: str, data: str, n: int, settings: dict) -> dict:
     from kdpo_lora.requests import read_requests
 
     requests = read_requests(data)[:n]
-    seconds, success = [], []
+    seconds, success, steps = [], [], []
     if mode == "published":
         from benchmarks.published_kdpo import published_edit
 
@@ -83,17 +83,19 @@ def child(mode: str, model: str, data: str, n: int, settings: dict) -> dict:
                 continue
             seconds.append(time.perf_counter() - start)
             success.append(result.results[0].success)
+            steps.append(result.steps)
             editor.remove(result.adapter)
     return {"mode": mode, "edits": len(seconds), "median_seconds_per_edit": statistics.median(seconds),
-            "edit_success": sum(success) / len(success), "peak_rss_mb": peak_rss_mb()}
+            "edit_success": sum(success) / len(success), "peak_rss_mb": peak_rss_mb(),
+            **({"mean_adam_steps": statistics.mean(steps)} if steps else {})}
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--shape", choices=["smollm2", "1b"], default="smollm2")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
-                   help="also measure kdpo-lora with these settings changed (a third child)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also measure kdpo-lora with these settings changed (one more child per --variant)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,8 +109,7 @@ def main() -> None:
                    check=True, capture_output=True)
     results = {}
     runs = [("published", args.set), ("kdpo-lora", args.set)]
-    if args.variant:
-        runs.append(("kdpo-lora " + " ".join(args.variant), args.set + args.variant))
+    runs += [("kdpo-lora " + variant, args.set + variant.split(",")) for variant in args.variant]
     for mode, pairs in runs:
         cmd = [sys.executable, __file__, "--child", mode.split()[0], "--model", model, "--data", args.data,
                "--n", str(args.n)]

@@ -45,6 +45,8 @@ class EditConfig:
     null_space: float = 0.0  # > 0: LoRA inputs confined to the lowest-variance directions holding this share
     null_space_samples: int = 256  # passages the base model writes, added to the generic text the null space is from
     null_space_max_gb: float = 2.0  # the null space is skipped (with a notice) where its d x d covariances exceed this (GiB)
+    null_space_coordinates: bool = True  # Adam on A's coordinates in the null space (False: project A after each step)
+    null_space_first_token: str = "with_rest"  # "apart": each text's first token (attention sink) weighs as much as the rest
     seed: int = 0
     max_target_tokens: int = 64
 
@@ -67,8 +69,11 @@ class EditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.independent, bool):
-            raise ConfigError(f"independent: must be true or false, got {self.independent!r}")
+        if self.null_space_first_token not in ("with_rest", "apart"):
+            raise ConfigError(f"null_space_first_token: must be with_rest or apart, got {self.null_space_first_token!r}")
+        for name in ("independent", "null_space_coordinates"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ConfigError("target_modules: must be a non-empty list of module names")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):

@@ -117,7 +117,7 @@ class Editor:
         self.config = config or EditConfig()
         self.stack: list[str] = []
         self.cache_prefix = True  # see prefix.py; off only to compare against
-        self._null_bases: dict[tuple[str, float, int], torch.Tensor] = {}  # see nullspace.py
+        self._null_bases: dict[tuple[str, float, int, str], torch.Tensor] = {}  # see nullspace.py
         self._null_space_refused = False  # the notice that the null space is too large is given once
 
     @property
@@ -262,20 +262,22 @@ class Editor:
                 self._null_space_refused = True
             return None
         modules = sorted(lora_layers(self.model, name))
-        key = (cfg.null_space, cfg.null_space_samples)
+        key = (cfg.null_space, cfg.null_space_samples, cfg.null_space_first_token)
         if any((path, *key) not in self._null_bases for path in modules):
             texts = generic_texts() + sampled_texts(self.model, self.tokenizer, cfg.null_space_samples,
                                                     progress=progress)
-            bases = null_space_bases(self.model, self.tokenizer, modules, cfg.null_space, texts, progress)
+            bases = null_space_bases(self.model, self.tokenizer, modules, cfg.null_space, texts,
+                                     cfg.null_space_first_token, progress)
             self._null_bases.update({(path, *key): basis for path, basis in bases.items()})
-        return Confinement(self.model, name, {path: self._null_bases[path, *key] for path in modules})
+        return Confinement(self.model, name, {path: self._null_bases[path, *key] for path in modules},
+                           coordinates=cfg.null_space_coordinates)
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
                below: list[str], progress: bool, preserve: Preservation | None = None,
                first: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                confine: Confinement | None = None) -> tuple[int, int, list[float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+        optimizer = torch.optim.Adam(confine.optimised(params) if confine else params, lr=cfg.learning_rate)
         mask = batch.target_mask & todo.unsqueeze(-1)
         losses: list[float] = []
         steps = 0
@@ -319,9 +321,11 @@ class Editor:
                 loss.backward()
                 if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
                     raise NumericalError(f"a gradient became NaN/inf in cycle {cycle + 1}; no adapter was written")
+                if confine is not None:
+                    confine.pull_gradients()
                 optimizer.step()
                 if confine is not None:
-                    confine.project()
+                    confine.write()
                 steps += 1
             accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask)[todo].mean()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{float(accuracy):.2f}")

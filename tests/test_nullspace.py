@@ -10,7 +10,7 @@ import torch
 from kdpo_lora import adapters
 from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
-from kdpo_lora.nullspace import input_covariances, lora_layers, null_space_basis
+from kdpo_lora.nullspace import Confinement, input_covariances, lora_layers, null_space_basis
 from kdpo_lora.requests import EditRequest
 
 GENERIC = [
@@ -33,6 +33,90 @@ def test_projector_keeps_the_lowest_variance_directions():
     assert torch.allclose(kept.T @ kept, torch.eye(3), atol=1e-5)  # orthonormal
     assert torch.allclose((kept @ kept.T).double(), basis[:, :3] @ basis[:, :3].T, atol=1e-5)  # the lowest three
     assert null_space_basis(covariance.float(), energy=0.0).shape == (12, 0)
+
+
+def test_first_tokens_counted_with_the_rest_skipped_or_apart(tiny_model, tokenizer):
+    """The three ways to count each text's first token (the attention sink) agree with one another, padding
+    left out: all tokens = later tokens + first tokens, and `apart` = each part at unit trace."""
+    texts = GENERIC[:6] + ["rome", "the capital of a country far away from here is a city"]  # ragged: padding
+    modules = ["model.layers.1.mlp.down_proj"]
+    moments = {how: input_covariances(tiny_model, tokenizer, texts, modules, how, batch_size=4)[modules[0]]
+               for how in ("with_rest", "skip", "apart")}
+    tokens = [len(ids) for ids in tokenizer(texts).input_ids]
+    total, later = sum(tokens), sum(tokens) - len(texts)
+    first = moments["with_rest"] * total - moments["skip"] * later  # the first tokens' X^T X
+    assert torch.linalg.eigvalsh(first.double()).min() > -1e-3 * first.trace()  # a genuine X^T X
+    expected = moments["skip"] / moments["skip"].trace() + first / first.trace()
+    assert torch.allclose(moments["apart"], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="first_token"):
+        input_covariances(tiny_model, tokenizer, texts, modules, "first")
+
+
+class _InSpan(torch.nn.Module):
+    """A = C·Nᵀ as a torch parametrization: the plain-autograd reference for `Confinement`'s coordinates."""
+
+    def __init__(self, basis: torch.Tensor):
+        super().__init__()
+        self.basis = basis
+
+    def forward(self, coordinates: torch.Tensor) -> torch.Tensor:
+        return coordinates @ self.basis.T
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight @ self.basis
+
+
+def test_adam_on_null_space_coordinates_is_adam_on_the_reparametrised_adapter(tokenizer):
+    """`Confinement` keeps A in the span and steps Adam on its coordinates, exactly as autograd through
+    A = C·Nᵀ would (torch's parametrize), and differently from projecting A's own Adam step."""
+    from conftest import make_model
+    from torch.nn.utils import parametrize
+
+    from kdpo_lora.loading import prepare_model
+
+    encoded = tokenizer(GENERIC[:4], return_tensors="pt", padding=True)
+
+    def adapted():
+        model = adapters.add_adapter(prepare_model(make_model()), "a", adapters.lora_config(EditConfig(), 3))
+        adapters.set_active(model, ["a"], trainable="a")
+        torch.manual_seed(1)
+        for module in lora_layers(model, "a").values():  # B != 0, so A gets a gradient from the first step
+            torch.nn.init.normal_(module.lora_B["a"].weight, std=0.1)
+        return model
+
+    def loss(model):
+        return model(**encoded).logits.log_softmax(-1)[..., 5].mean()
+
+    torch.manual_seed(2)
+    bases = {path: torch.linalg.qr(torch.randn(m.in_features, m.in_features))[0][:, :m.in_features // 4]
+             for path, m in lora_layers(adapted(), "a").items()}
+    finals = {}
+    for mode in ("coordinates", "reference", "projected"):
+        model = adapted()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if mode == "reference":
+            for path, module in lora_layers(model, "a").items():
+                parametrize.register_parametrization(module.lora_A["a"], "weight", _InSpan(bases[path]))
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            confine = Confinement(model, "a", bases, coordinates=mode == "coordinates")
+            params = confine.optimised(params)
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss(model).backward()
+            if mode != "reference":
+                confine.pull_gradients()
+            optimizer.step()
+            if mode != "reference":
+                confine.write()
+        finals[mode] = {path: m.lora_A["a"].weight.detach().clone() for path, m in lora_layers(model, "a").items()}
+    for path, basis in bases.items():
+        weight = finals["coordinates"][path]
+        assert torch.allclose(weight @ basis @ basis.T, weight, atol=1e-5), path  # in the span
+        assert torch.allclose(weight, finals["reference"][path], atol=1e-5), path
+        assert torch.allclose(finals["projected"][path] @ basis @ basis.T, finals["projected"][path], atol=1e-5)
+    assert not all(torch.allclose(finals["projected"][p], finals["reference"][p], atol=1e-4) for p in bases)
 
 
 def _drift(model, tokenizer, reference: torch.Tensor) -> float:

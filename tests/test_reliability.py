@@ -94,6 +94,7 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
     paths["null.yaml"] = _write(tmp_path, "null.yaml", "null_space: -0.01\n")
     paths["anchors.yaml"] = _write(tmp_path, "anchors.yaml", "anchors: -3\n")
     paths["samples.yaml"] = _write(tmp_path, "samples.yaml", "null_space_samples: 2.5\n")
+    paths["sink.yaml"] = _write(tmp_path, "sink.yaml", "null_space_first_token: skip\n")
     model = ["--model", str(model_dir), "--quantization", "none"]
     edit = ["edit", *model, *FAST]
     cases = [([*edit, "--requests", paths[name]], words) for name, words in [
@@ -131,6 +132,8 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["anchors.yaml"]], "anchors: must be a non-negative"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["samples.yaml"]],
          "null_space_samples: must be a non-negative integer"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["sink.yaml"]],
+         "null_space_first_token: must be with_rest or apart"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", str(tmp_path / "absent.yaml")], "no such config file"),
         (["edit", "--model", "no-such-model", "--prompt", "x", "--target", "y"], "unknown model"),
         (["edit", "--model", str(tmp_path / "m.gguf"), "--prompt", "x", "--target", "y"], "no such GGUF"),

@@ -45,3 +45,19 @@ def test_shipped_passages_are_the_embedded_models_own(smollm2, tmp_path, monkeyp
     assert len(texts) == count and len(set(texts)) == len(texts)
     lengths = sorted(len(smollm2.tokenizer(t).input_ids) for t in texts)
     assert lengths[len(lengths) // 2] > 64  # passages (a few end early at the end-of-text token), not stubs
+
+
+def test_attention_sink_left_to_itself_unprotects_a_whole_layer(smollm2):
+    """SmolLM2's layer-11 down-projection sees nearly all its input energy at each text's first token: a
+    null space from one moment over all tokens holds most of the other tokens' energy there; with the
+    first token apart it holds at most its 1%."""
+    from kdpo_lora.nullspace import generic_texts, input_covariances, null_space_basis
+
+    layer = ["model.layers.11.mlp.down_proj"]
+    texts = generic_texts()[:24]
+    moment = {how: input_covariances(smollm2.model, smollm2.tokenizer, texts, layer, how)[layer[0]]
+              for how in ("with_rest", "skip", "apart")}
+    later = moment["skip"]
+    share = lambda basis: float((basis.T @ later @ basis).trace() / later.trace())  # noqa: E731
+    assert share(null_space_basis(moment["with_rest"], 0.01)) > 0.5
+    assert share(null_space_basis(moment["apart"], 0.01 / 2)) <= 0.01
