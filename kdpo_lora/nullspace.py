@@ -129,24 +129,20 @@ def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], m
         raise ValueError(f"first_token: {first_token!r} is not one of {', '.join(FIRST_TOKEN)}")
     wanted = set(modules)
     sums: dict[str, torch.Tensor] = {}
-    firsts: dict[str, torch.Tensor] = {}
+    firsts: dict[str, list[torch.Tensor]] = {}  # the first tokens' inputs themselves: one row per text
     real_tokens: list[torch.Tensor] = []  # the current batch's attention mask: padding is left out
-
-    def add(table: dict[str, torch.Tensor], path: str, x: torch.Tensor) -> None:
-        table[path] = table[path] + x.T @ x if path in table else x.T @ x
 
     def record(path: str):
         def hook(module, args):
             mask = real_tokens[-1]
             x = args[0].detach().float()
-            if first_token == "with_rest":
-                add(sums, path, x[mask])
-                return
-            first = torch.zeros_like(mask)
-            first[torch.arange(len(mask)), mask.int().argmax(1)] = True
-            add(sums, path, x[mask & ~first])
-            if first_token == "apart":
-                add(firsts, path, x[first])
+            if first_token != "with_rest":
+                first = torch.zeros_like(mask)
+                first[torch.arange(len(mask)), mask.int().argmax(1)] = True
+                firsts.setdefault(path, []).append(x[first])
+                mask = mask & ~first
+            x = x[mask]
+            sums[path] = sums[path] + x.T @ x if path in sums else x.T @ x
         return hook
 
     handles = [m.register_forward_pre_hook(record(p)) for p, m in model.named_modules() if p in wanted]
@@ -163,10 +159,14 @@ def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], m
         for handle in handles:
             handle.remove()
     if first_token == "apart":
-        return {path: later / later.trace().clamp_min(1e-30) + firsts[path] / firsts[path].trace().clamp_min(1e-30)
+        return {path: _unit_trace(later) + _unit_trace(torch.cat(firsts[path]).T @ torch.cat(firsts[path]))
                 for path, later in sums.items()}
     count = sum(int(mask.sum()) for mask in real_tokens) - (len(texts) if first_token == "skip" else 0)
     return {path: total / max(count, 1) for path, total in sums.items()}
+
+
+def _unit_trace(moment: torch.Tensor) -> torch.Tensor:
+    return moment / moment.trace().clamp_min(1e-30)
 
 
 def null_space_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
