@@ -52,9 +52,8 @@ def main() -> None:
     rows = []
     for (source, texts), first_token in itertools.product(estimate.items(), ("with_rest", "apart")):
         covariances = input_covariances(model, tokenizer, texts, every, first_token)
-        share = args.energy / 2 if first_token == "apart" else args.energy  # as `null_space_bases`
         for kind, paths in modules.items():
-            bases = {m: null_space_basis(covariances[m], share) for m in paths}
+            bases = {m: null_space_basis(covariances[m], args.energy, first_token) for m in paths}
             row = {"bases from": source, "first token": first_token, "module": kind,
                    "median dims": statistics.median(b.shape[1] for b in bases.values()),
                    "input width": bases[paths[0]].shape[0]}

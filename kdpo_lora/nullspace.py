@@ -123,7 +123,7 @@ def input_covariances(model: torch.nn.Module, tokenizer, texts: Sequence[str], m
     of magnitude larger than any other token's (SmolLM2's layer-11 down-projection: over 99.9% of the
     input energy of generic text), so a moment over all tokens (`with_rest`) sees little but it there.
     `skip`: the later tokens only. `apart`: the later tokens' moment plus the first tokens', each
-    scaled to unit trace (trace 2) - a span holding `energy / 2` of it holds at most `energy` of either.
+    scaled to unit trace (trace 2; `null_space_basis` keeps at most `energy` of either).
     """
     if first_token not in FIRST_TOKEN:
         raise ValueError(f"first_token: {first_token!r} is not one of {', '.join(FIRST_TOKEN)}")
@@ -169,8 +169,11 @@ def _unit_trace(moment: torch.Tensor) -> torch.Tensor:
     return moment / moment.trace().clamp_min(1e-30)
 
 
-def null_space_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
-    """Orthonormal columns spanning the lowest-variance directions that together carry at most `energy`."""
+def null_space_basis(covariance: torch.Tensor, energy: float, first_token: str = "with_rest") -> torch.Tensor:
+    """Orthonormal columns spanning the lowest-variance directions that together carry at most `energy`
+    (of each part, for an `input_covariances(..., first_token="apart")` moment: half of its trace of 2)."""
+    if first_token == "apart":
+        energy = energy / 2
     values, vectors = torch.linalg.eigh(covariance.double())  # ascending
     share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
     return vectors[:, :int((share <= energy).sum())].float().contiguous()
@@ -189,8 +192,7 @@ def null_space_bases(model: torch.nn.Module, tokenizer, modules: Sequence[str], 
     except (OSError, SafetensorError):
         pass  # not computed yet, or a damaged entry: compute it again
     covariances = input_covariances(model, tokenizer, texts, modules, first_token, progress=progress)
-    share = energy / 2 if first_token == "apart" else energy
-    bases = {module: null_space_basis(covariances[module], share) for module in modules}
+    bases = {module: null_space_basis(covariances[module], energy, first_token) for module in modules}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save(bases))
     return bases

@@ -60,4 +60,4 @@ def test_attention_sink_left_to_itself_unprotects_a_whole_layer(smollm2):
     later = moment["skip"]
     share = lambda basis: float((basis.T @ later @ basis).trace() / later.trace())  # noqa: E731
     assert share(null_space_basis(moment["with_rest"], 0.01)) > 0.5
-    assert share(null_space_basis(moment["apart"], 0.01 / 2)) <= 0.01
+    assert share(null_space_basis(moment["apart"], 0.01, "apart")) <= 0.01
