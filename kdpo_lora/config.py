@@ -46,6 +46,9 @@ class EditConfig:
     null_space_samples: int = 256  # passages the base model writes, added to the generic text the null space is from
     null_space_max_gb: float = 2.0  # the null space is skipped (with a notice) where its d x d covariances exceed this (GiB)
     null_space_coordinates: bool = True  # Adam on A's coordinates in the null space (False: project A after each step)
+    null_space_lr_scale: float = 1.0  # the null-space coordinates learn at this times learning_rate
+    null_space_lr_matched: bool = False  # and at sqrt(d/k) times it per layer: Adam's step on A as long as unconfined
+    null_space_protect_edits: float = 0.0  # > 0: also avoid the profile's earlier edits' inputs, keeping this share
     null_space_first_token: str = "with_rest"  # "apart": each text's first token (attention sink) weighs as much as the rest
     seed: int = 0
     max_target_tokens: int = 64
@@ -53,7 +56,7 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        for name in ("beta", "learning_rate"):
+        for name in ("beta", "learning_rate", "null_space_lr_scale"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name}: must be a finite positive number, got {value!r}")
@@ -71,14 +74,14 @@ class EditConfig:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
         if self.null_space_first_token not in ("with_rest", "apart"):
             raise ConfigError(f"null_space_first_token: must be with_rest or apart, got {self.null_space_first_token!r}")
-        for name in ("independent", "null_space_coordinates"):
+        for name in ("independent", "null_space_coordinates", "null_space_lr_matched"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ConfigError("target_modules: must be a non-empty list of module names")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ConfigError("layers: must be null or a list of layer indices >= 0")
-        for name in ("skip_lower_layers", "null_space"):
+        for name in ("skip_lower_layers", "null_space", "null_space_protect_edits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{name}: must be a fraction in [0, 1), got {value!r}")
@@ -110,7 +113,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
     for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha",
-                "skip_lower_layers", "null_space", "null_space_max_gb"):
+                "skip_lower_layers", "null_space", "null_space_max_gb", "null_space_lr_scale", "null_space_protect_edits"):
         if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string
             try:
                 out[key] = float(out[key])

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from . import adapters
 from . import objectives as obj
 from .config import EditConfig
-from .nullspace import Confinement, covariance_bytes, generic_texts, lora_layers, null_space_bases, sampled_texts
+from .nullspace import (Confinement, covariance_bytes, edit_key_moments, generic_texts, lora_layers, narrowed,
+                        null_space_bases, sampled_texts)
 from .prefix import frozen_prefix
 from .errors import KdpoWarning, NumericalError, RequestError
 from .requests import EditRequest, check_batch
@@ -119,6 +120,7 @@ class Editor:
         self.cache_prefix = True  # see prefix.py; off only to compare against
         self._null_bases: dict[tuple[str, float, int, str], torch.Tensor] = {}  # see nullspace.py
         self._null_space_refused = False  # the notice that the null space is too large is given once
+        self._edit_keys: dict[tuple, tuple[tuple[str, ...], dict]] = {}  # see _edit_key_moments
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +144,8 @@ class Editor:
     # ------------------------------------------------------------------ the loop
 
     def edit(self, requests: Sequence[EditRequest], name: str | None = None, config: EditConfig | None = None,
-             progress: bool = True, replay: Sequence[str] = (), anchors: Sequence[str] = ()) -> BatchResult:
+             progress: bool = True, replay: Sequence[str] = (), anchors: Sequence[str] = (),
+             protect: dict[str, Sequence[str]] | None = None) -> BatchResult:
         """Train one new adapter that writes every request; it joins the active stack when done.
 
         `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
@@ -166,7 +169,7 @@ class Editor:
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
-            confine = self._confinement(name, cfg, progress)
+            confine = self._confinement(name, cfg, progress, protect or {})
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
                 preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
@@ -248,9 +251,11 @@ class Editor:
                                                                          preserve.attention_mask[own:])
         return preserve
 
-    def _confinement(self, name: str, cfg: EditConfig, progress: bool) -> Confinement | None:
-        """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py); None
-        when `null_space` is off, or on where its covariances would need more than `null_space_max_gb`."""
+    def _confinement(self, name: str, cfg: EditConfig, progress: bool,
+                     protect: dict[str, Sequence[str]]) -> Confinement | None:
+        """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py), less
+        the directions the `protect`ed batches were written through; None when `null_space` is off, or
+        on where its covariances would need more than `null_space_max_gb`."""
         if cfg.null_space <= 0:
             return None
         needed = covariance_bytes(self.model, name) / 1024 ** 3
@@ -269,15 +274,37 @@ class Editor:
             bases = null_space_bases(self.model, self.tokenizer, modules, cfg.null_space, texts,
                                      cfg.null_space_first_token, progress)
             self._null_bases.update({(path, *key): basis for path, basis in bases.items()})
-        return Confinement(self.model, name, {path: self._null_bases[path, *key] for path in modules},
-                           coordinates=cfg.null_space_coordinates)
+        bases = {path: self._null_bases[path, *key] for path in modules}
+        if cfg.null_space_protect_edits > 0 and protect:
+            avoided = self._edit_key_moments(protect, bases, (*key, *modules))
+            bases = {path: narrowed(basis, avoided[path], cfg.null_space_protect_edits, cfg.lora_rank)
+                     for path, basis in bases.items()}
+        return Confinement(self.model, name, bases, coordinates=cfg.null_space_coordinates)
+
+    def _edit_key_moments(self, protect: dict[str, Sequence[str]], bases: dict[str, torch.Tensor],
+                          key: tuple) -> dict[str, torch.Tensor]:
+        """The sum over the `protect`ed batches of their facts' key moments (each batch's averaged over
+        its tokens). Kept as one running sum: a profile that only grew since the last edit costs the new
+        batches' texts alone; after a rollback or a switch of profile it is summed afresh."""
+        names = tuple(protect)
+        done, sums = self._edit_keys.get(key, ((), None))
+        if names[:len(done)] != done:
+            done, sums = (), None
+        for batch in names[len(done):]:
+            moments = edit_key_moments(self.model, self.tokenizer, list(protect[batch]), bases)
+            sums = moments if sums is None else {path: sums[path] + moments[path] for path in sums}
+        self._edit_keys[key] = (names, sums)
+        return sums
 
     def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
                below: list[str], progress: bool, preserve: Preservation | None = None,
                first: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                confine: Confinement | None = None) -> tuple[int, int, list[float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(confine.optimised(params) if confine else params, lr=cfg.learning_rate)
+        groups = (confine.param_groups(params, cfg.learning_rate, cfg.null_space_lr_scale,
+                                        cfg.null_space_lr_matched) if confine
+                  else [{"params": params, "lr": cfg.learning_rate}])
+        optimizer = torch.optim.Adam(groups)
         mask = batch.target_mask & todo.unsqueeze(-1)
         losses: list[float] = []
         steps = 0

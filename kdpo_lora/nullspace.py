@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -169,14 +170,31 @@ def _unit_trace(moment: torch.Tensor) -> torch.Tensor:
     return moment / moment.trace().clamp_min(1e-30)
 
 
-def null_space_basis(covariance: torch.Tensor, energy: float, first_token: str = "with_rest") -> torch.Tensor:
+def null_space_basis(covariance: torch.Tensor, energy: float, first_token: str = "with_rest",
+                     min_dims: int = 0) -> torch.Tensor:
     """Orthonormal columns spanning the lowest-variance directions that together carry at most `energy`
-    (of each part, for an `input_covariances(..., first_token="apart")` moment: half of its trace of 2)."""
+    (of each part, for an `input_covariances(..., first_token="apart")` moment: half of its trace of 2);
+    at least the `min_dims` lowest, whatever they carry."""
     if first_token == "apart":
         energy = energy / 2
     values, vectors = torch.linalg.eigh(covariance.double())  # ascending
-    share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
-    return vectors[:, :int((share <= energy).sum())].float().contiguous()
+    share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum().clamp_min(1e-300)
+    return vectors[:, :max(int((share <= energy).sum()), min_dims)].float().contiguous()
+
+
+def edit_key_moments(model: torch.nn.Module, tokenizer, texts: Sequence[str],
+                     bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The second moment of each module's inputs over earlier edits' texts (prompt and answer; the
+    attention sink left out), in the coordinates of that module's null-space basis (k x k: small)."""
+    moments = input_covariances(model, tokenizer, texts, bases, first_token="skip")
+    return {path: bases[path].T @ moment @ bases[path] for path, moment in moments.items()}
+
+
+def narrowed(basis: torch.Tensor, moment: torch.Tensor, energy: float, min_dims: int) -> torch.Tensor:
+    """`basis` less its directions that earlier edits were written through (AlphaEdit's sequential
+    form): the part of its span carrying at most `energy` of `moment` (`edit_key_moments`), and at
+    least `min_dims` directions, so an edit can still be written."""
+    return (basis @ null_space_basis(moment, energy, min_dims=min(min_dims, basis.shape[1]))).contiguous()
 
 
 def null_space_bases(model: torch.nn.Module, tokenizer, modules: Sequence[str], energy: float,
@@ -216,12 +234,26 @@ class Confinement:
             self.weights.append((weight, basis, torch.nn.Parameter(weight.detach() @ basis)))
         self.write()
 
-    def optimised(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-        """`params` as the optimizer should see them: each confined A replaced by its coordinates."""
+    def param_groups(self, params: list[torch.nn.Parameter], learning_rate: float, scale: float = 1.0,
+                     matched: bool = False) -> list[dict]:
+        """The optimizer's parameter groups: `params`, the confined A's replaced by their coordinates,
+        which learn at `scale` times the learning rate - and, `matched`, times sqrt(d/k) per layer.
+
+        Why: an edit's inputs have little energy in the null space (that is what it is), so A must grow
+        larger there than an unconfined A to change the output as much, and at the learning rate tuned
+        without the null space that takes more steps. `matched` gives Adam's step on A the length it
+        has unconfined: Adam moves each coordinate by about the rate, a row of k coordinates by
+        ~rate·sqrt(k), an unconfined row of d entries by ~rate·sqrt(d).
+        """
         if not self.coordinates:
-            return params
+            return [{"params": params, "lr": learning_rate}]
         confined = {id(weight) for weight, _, _ in self.weights}
-        return [p for p in params if id(p) not in confined] + [c for _, _, c in self.weights]
+        free = [p for p in params if id(p) not in confined]
+        groups = [{"params": free, "lr": learning_rate}] if free else []
+        for _, basis, coordinates in self.weights:
+            layer = math.sqrt(basis.shape[0] / max(basis.shape[1], 1)) if matched else 1.0
+            groups.append({"params": [coordinates], "lr": learning_rate * scale * layer})
+        return groups
 
     @torch.no_grad()
     def pull_gradients(self) -> None:

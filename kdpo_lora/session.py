@@ -105,7 +105,8 @@ class KnowledgeEditor:
         cfg = config or self.config
         result = self.editor.edit(requests, name=name, config=config, progress=progress,
                                   replay=self._replay_prompts(store, profile, cfg),
-                                  anchors=self._anchor_prompts(store, profile, cfg))
+                                  anchors=self._anchor_prompts(store, profile, cfg),
+                                  protect=self._protected_facts(store, profile, cfg))
         record = {
             "requests": [r.to_dict() for r in requests],
             "config": result.config.to_dict(),
@@ -135,6 +136,13 @@ class KnowledgeEditor:
             if len(prompts) >= config.replay:
                 break
         return prompts[: config.replay]
+
+    def _protected_facts(self, store: AdapterStore, profile: str, config: EditConfig) -> dict[str, list[str]]:
+        """Each of `profile`'s batches with its facts as text (prompt and answer), for the null space to avoid."""
+        if config.null_space <= 0 or config.null_space_protect_edits <= 0 or profile not in store.profiles():
+            return {}
+        return {batch: [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in store.requests_of(batch)]
+                for batch in store.profile(profile)}
 
     def _anchor_prompts(self, store: AdapterStore, profile: str, config: EditConfig) -> list[str]:
         """Subject swaps of up to `config.anchors` facts drawn from all of `profile`'s batches."""

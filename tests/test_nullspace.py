@@ -10,7 +10,7 @@ import torch
 from kdpo_lora import adapters
 from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
-from kdpo_lora.nullspace import Confinement, input_covariances, lora_layers, null_space_basis
+from kdpo_lora.nullspace import Confinement, input_covariances, lora_layers, narrowed, null_space_basis
 from kdpo_lora.requests import EditRequest
 
 GENERIC = [
@@ -33,6 +33,22 @@ def test_projector_keeps_the_lowest_variance_directions():
     assert torch.allclose(kept.T @ kept, torch.eye(3), atol=1e-5)  # orthonormal
     assert torch.allclose((kept @ kept.T).double(), basis[:, :3] @ basis[:, :3].T, atol=1e-5)  # the lowest three
     assert null_space_basis(covariance.float(), energy=0.0).shape == (12, 0)
+
+
+def test_narrowed_basis_avoids_earlier_edits_inside_the_null_space():
+    """`narrowed` keeps the part of a basis's span that earlier edits' inputs hardly use, and never fewer
+    than `min_dims` directions (so an edit can always be written)."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16))[0][:, :6]  # a 6-dim null space in 16 dims
+    keys = basis[:, :2] @ torch.randn(2, 40) * 3 + basis @ torch.randn(6, 40) * 0.01  # earlier edits: 2 directions
+    moment = basis.T @ (keys @ keys.T) @ basis
+    kept = narrowed(basis, moment, energy=0.01, min_dims=2)
+    assert kept.shape == (16, 4)
+    assert torch.allclose(kept.T @ kept, torch.eye(4), atol=1e-5)  # orthonormal
+    assert torch.allclose(basis @ basis.T @ kept, kept, atol=1e-5)  # inside the null space
+    assert (kept.T @ keys).norm() ** 2 <= 0.01 * (basis.T @ keys).norm() ** 2  # the earlier keys' energy left out
+    assert narrowed(basis, moment, energy=0.0, min_dims=5).shape == (16, 5)  # at least min_dims
+    assert narrowed(basis, moment, energy=0.0, min_dims=9).shape == (16, 6)  # never more than the basis
 
 
 def test_first_tokens_counted_with_the_rest_skipped_or_apart(tiny_model, tokenizer):
@@ -68,7 +84,8 @@ class _InSpan(torch.nn.Module):
 
 def test_adam_on_null_space_coordinates_is_adam_on_the_reparametrised_adapter(tokenizer):
     """`Confinement` keeps A in the span and steps Adam on its coordinates, exactly as autograd through
-    A = C·Nᵀ would (torch's parametrize), and differently from projecting A's own Adam step."""
+    A = C·Nᵀ would (torch's parametrize), and differently from projecting A's own Adam step; a scale
+    multiplies the coordinates' learning rate alone, and `matched` by sqrt(d/k) (here 2)."""
     from conftest import make_model
     from torch.nn.utils import parametrize
 
@@ -91,32 +108,39 @@ def test_adam_on_null_space_coordinates_is_adam_on_the_reparametrised_adapter(to
     bases = {path: torch.linalg.qr(torch.randn(m.in_features, m.in_features))[0][:, :m.in_features // 4]
              for path, m in lora_layers(adapted(), "a").items()}
     finals = {}
-    for mode in ("coordinates", "reference", "projected"):
+    for mode in ("coordinates", "reference", "projected", "scaled", "scaled reference", "matched"):
         model = adapted()
         params = [p for p in model.parameters() if p.requires_grad]
-        if mode == "reference":
+        if mode.endswith("reference"):
             for path, module in lora_layers(model, "a").items():
                 parametrize.register_parametrization(module.lora_A["a"], "weight", _InSpan(bases[path]))
-            params = [p for p in model.parameters() if p.requires_grad]
+            coordinates = {id(m.lora_A["a"].parametrizations.weight.original) for m in lora_layers(model, "a").values()}
+            scale = 2.0 if mode == "scaled reference" else 1.0
+            params = [{"params": [p], "lr": 1e-2 * (scale if id(p) in coordinates else 1.0)}
+                      for p in model.parameters() if p.requires_grad]
         else:
-            confine = Confinement(model, "a", bases, coordinates=mode == "coordinates")
-            params = confine.optimised(params)
-        optimizer = torch.optim.Adam(params, lr=1e-2)
+            confine = Confinement(model, "a", bases, coordinates=mode != "projected")
+            params = confine.param_groups(params, 1e-2, scale=2.0 if mode == "scaled" else 1.0,
+                                          matched=mode == "matched")
+        optimizer = torch.optim.Adam(params)
         for _ in range(3):
             optimizer.zero_grad()
             loss(model).backward()
-            if mode != "reference":
+            if not mode.endswith("reference"):
                 confine.pull_gradients()
             optimizer.step()
-            if mode != "reference":
+            if not mode.endswith("reference"):
                 confine.write()
         finals[mode] = {path: m.lora_A["a"].weight.detach().clone() for path, m in lora_layers(model, "a").items()}
     for path, basis in bases.items():
         weight = finals["coordinates"][path]
         assert torch.allclose(weight @ basis @ basis.T, weight, atol=1e-5), path  # in the span
         assert torch.allclose(weight, finals["reference"][path], atol=1e-5), path
+        assert torch.allclose(finals["scaled"][path], finals["scaled reference"][path], atol=1e-5), path
+        assert torch.allclose(finals["matched"][path], finals["scaled"][path], atol=1e-5), path  # sqrt(d/(d/4)) = 2
         assert torch.allclose(finals["projected"][path] @ basis @ basis.T, finals["projected"][path], atol=1e-5)
     assert not all(torch.allclose(finals["projected"][p], finals["reference"][p], atol=1e-4) for p in bases)
+    assert not all(torch.allclose(finals["scaled"][p], finals["reference"][p], atol=1e-4) for p in bases)
 
 
 def _drift(model, tokenizer, reference: torch.Tensor) -> float:
@@ -228,3 +252,49 @@ def test_shipped_passages_stand_in_for_an_empty_cache(tiny_model, tokenizer, tmp
     monkeypatch.setattr("kdpo_lora.nullspace.SHIPPED_TEXTS", shipped)
     monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: pytest.fail("sampled instead of shipped"))
     assert sampled_texts(tiny_model, tokenizer, 4, max_new_tokens=4) == ["shipped passage"] * 4 != sampled
+
+
+def test_each_batch_avoids_the_profiles_earlier_facts_and_a_rolled_back_one_is_forgotten(
+        tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """`null_space_protect_edits`: a batch's A rows lie in the null space less the directions the profile's
+    earlier facts use (their texts read back from the store), and a batch rolled back is no longer avoided."""
+    from kdpo_lora.loading import load_model
+    from kdpo_lora.nullspace import null_space_bases
+    from kdpo_lora.session import KnowledgeEditor
+
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("kdpo_lora.editor.generic_texts", lambda: GENERIC)
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store",
+                         overrides=dict(learning_rate=5e-3, beta=1.0, null_space=0.05, null_space_samples=0,
+                                        null_space_protect_edits=0.05, preserve_weight=0.0, independent=False))
+    facts = [EditRequest("the eiffel tower is located in the city of", "rome"),
+             EditRequest("the colosseum is located in the city of", "paris"),
+             EditRequest("the prado museum is located in the city of", "tokyo")]
+    first = ke.edit(facts[:1], progress=False).adapter
+    second = ke.edit(facts[1:2], progress=False).adapter
+    modules = sorted(lora_layers(ke.editor.model, second))
+    plain = null_space_bases(ke.editor.model, tokenizer, modules, 0.05, GENERIC)
+    avoided = input_covariances(ke.editor.model, tokenizer, ["the eiffel tower is located in the city of rome"],
+                                modules, "skip")
+    for path, module in lora_layers(ke.editor.model, second).items():
+        kept = narrowed(plain[path], plain[path].T @ avoided[path] @ plain[path], 0.05, 8)
+        assert 8 <= kept.shape[1] < plain[path].shape[1], path
+        weight = module.lora_A[second].weight.detach()
+        assert torch.allclose(weight @ kept @ kept.T, weight, atol=1e-5), path  # inside the narrowed span
+    ke.rollback(first)
+    seen = []
+    monkeypatch.setattr("kdpo_lora.editor.narrowed", lambda basis, moment, *a: seen.append(moment) or basis)
+    ke.edit(facts[2:], progress=False)
+    only_second = input_covariances(ke.editor.model, tokenizer, ["the colosseum is located in the city of paris"],
+                                    modules, "skip")
+    assert len(seen) == len(modules)
+    for moment, path in zip(seen, modules):  # the moments avoided now: the second fact's alone
+        assert torch.allclose(moment, plain[path].T @ only_second[path] @ plain[path], atol=1e-5), path
+    seen.clear()
+    ke.edit([EditRequest("the big ben is located in the city of", "madrid")], progress=False)
+    third = input_covariances(ke.editor.model, tokenizer, ["the prado museum is located in the city of tokyo"],
+                              modules, "skip")
+    assert len(seen) == len(modules)
+    for moment, path in zip(seen, modules):  # the profile grew: the running sum adds the third fact
+        expected = plain[path].T @ (only_second[path] + third[path]) @ plain[path]
+        assert torch.allclose(moment, expected, atol=1e-5), path

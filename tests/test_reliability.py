@@ -95,6 +95,7 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
     paths["anchors.yaml"] = _write(tmp_path, "anchors.yaml", "anchors: -3\n")
     paths["samples.yaml"] = _write(tmp_path, "samples.yaml", "null_space_samples: 2.5\n")
     paths["sink.yaml"] = _write(tmp_path, "sink.yaml", "null_space_first_token: skip\n")
+    paths["scale.yaml"] = _write(tmp_path, "scale.yaml", "null_space_lr_scale: 0\n")
     model = ["--model", str(model_dir), "--quantization", "none"]
     edit = ["edit", *model, *FAST]
     cases = [([*edit, "--requests", paths[name]], words) for name, words in [
@@ -134,6 +135,8 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
          "null_space_samples: must be a non-negative integer"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["sink.yaml"]],
          "null_space_first_token: must be with_rest or apart"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["scale.yaml"]],
+         "null_space_lr_scale: must be a finite positive number"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", str(tmp_path / "absent.yaml")], "no such config file"),
         (["edit", "--model", "no-such-model", "--prompt", "x", "--target", "y"], "unknown model"),
         (["edit", "--model", str(tmp_path / "m.gguf"), "--prompt", "x", "--target", "y"], "no such GGUF"),
