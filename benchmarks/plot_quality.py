@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,7 +27,8 @@ def main() -> None:
     colours = plt.cm.tab20.colors
     for i, path in enumerate(args.results):
         data = json.loads(Path(path).read_text())
-        null_space = data.get("settings", {}).get("null_space", 0) > 0
+        config = yaml.safe_load(Path(data["config"]).read_text()) if data.get("config") else {}
+        null_space = {**config, **data.get("settings", {})}.get("null_space", 0) > 0
         label = (f"{Path(path).stem} ({data['method']}, batch {data['batch']}, {Path(data['data']).stem}"
                  f"{', null space' if null_space else ''})")
         xs = [point["edits"] for point in data["curve"]]
@@ -39,10 +41,10 @@ def main() -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.suptitle("Sequential editing, SmolLM2-135M NF4 (CPU): all requests edited so far, scored at each point")
     fig.tight_layout(rect=(0, 0.2, 1, 1))
-    fig.savefig(args.out, dpi=110)
+    fig.savefig(args.out, dpi=110, bbox_inches="tight")  # long labels must not be cut off
     print(f"wrote {args.out}")
 
 

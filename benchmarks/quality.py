@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpoints", type=int, default=5, help="curve points over the run")
     p.add_argument("--no-generation", action="store_true")
+    p.add_argument("--config", help="YAML file of edit settings laid over the model family's (e.g. configs/sequential.yaml)")
     p.add_argument("--store", help="keep the adapter store (and the run's progress) here; running the same "
                                    "command again resumes after the last finished batch")
     args = p.parse_args()
@@ -57,11 +58,13 @@ def main() -> None:
     if not published:
         settings["method"] = args.method
     loaded = load_model(args.model, "none" if published else args.quantization)
+    if args.config and published:
+        p.error("--config needs a LoRA method: the published set-up takes only --set")
     header = {"command": " ".join(sys.argv), "method": args.method, "n": args.n, "batch": args.batch,
-              "data": args.data, "settings": settings}
+              "data": args.data, "config": args.config, "settings": settings}
     tokenizer = loaded.tokenizer
     with (contextlib.nullcontext(args.store) if args.store else tempfile.TemporaryDirectory()) as store:
-        ke = None if published else KnowledgeEditor(loaded, store, overrides=settings)
+        ke = None if published else KnowledgeEditor(loaded, store, config=args.config, overrides=settings)
         model = lambda: loaded.model if published else ke.model  # noqa: E731
         pre = pre_edit_locality(model(), tokenizer, requests)  # nothing is active before the first edit
         fluency_before = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
@@ -129,8 +132,8 @@ class Progress:
         if not self.path.is_file():
             return self.empty()
         state = json.loads(self.path.read_text())
-        fixed = ("method", "n", "batch", "data", "settings")
-        if {k: state["header"][k] for k in fixed} != {k: self.header[k] for k in fixed}:
+        fixed = ("method", "n", "batch", "data", "config", "settings")
+        if {k: state["header"].get(k) for k in fixed} != {k: self.header[k] for k in fixed}:
             raise SystemExit(f"{self.path} belongs to another run ({state['header']['command']}); "
                              "use another --store")
         for extra in [b for b in _stored_batches(ke) if b not in state["batches"]]:

@@ -190,10 +190,10 @@ class Editor:
                 for phase, below in enumerate(phases):
                     adapters.set_active(self.model, below + [name], trainable=name)
                     if phase > 0:
-                        if self._solved(batch, todo, cfg):
+                        if self._solved(batch, cfg):
                             continue
                         preserve = self._preservation(requests, cfg, below, replay, anchors)
-                    c, s, l = self._train(batch, todo, cfg, name, below, progress, preserve,
+                    c, s, l = self._train(batch, cfg, name, below, progress, preserve,
                                           first if phase == 0 else None, confine)
                     cycles, steps, losses = cycles + c, steps + s, losses + l
                 with torch.no_grad():
@@ -213,10 +213,10 @@ class Editor:
         ]
         return BatchResult(name, cfg, results, cycles, steps, time.perf_counter() - started, losses)
 
-    def _solved(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig) -> bool:
+    def _solved(self, batch: obj.TargetBatch, cfg: EditConfig) -> bool:
         with torch.no_grad():
             log_probs = obj.target_log_probs(self.model, batch)
-        return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, cfg.margin)[todo].all())
+        return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, cfg.margin).all())
 
     def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
                       replay: Sequence[str] = (), anchors: Sequence[str] = (), fresh: bool = False) -> Preservation | None:
@@ -296,7 +296,7 @@ class Editor:
         self._edit_keys[key] = (names, sums)
         return sums
 
-    def _train(self, batch: obj.TargetBatch, todo: torch.Tensor, cfg: EditConfig, name: str,
+    def _train(self, batch: obj.TargetBatch, cfg: EditConfig, name: str,
                below: list[str], progress: bool, preserve: Preservation | None = None,
                first: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                confine: Confinement | None = None) -> tuple[int, int, list[float]]:
@@ -305,7 +305,9 @@ class Editor:
                                         cfg.null_space_lr_matched) if confine
                   else [{"params": params, "lr": cfg.learning_rate}])
         optimizer = torch.optim.Adam(groups)
-        mask = batch.target_mask & todo.unsqueeze(-1)
+        # every row is checked, also one the model gave before the batch (it is skipped, not trained, unless
+        # the other rows' training breaks it: then it takes part from the next cycle on)
+        mask = batch.target_mask
         losses: list[float] = []
         steps = 0
         bar = tqdm(range(cfg.cycles), desc=f"editing {name}", disable=not progress, leave=False)
@@ -354,7 +356,7 @@ class Editor:
                 if confine is not None:
                     confine.write()
                 steps += 1
-            accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask)[todo].mean()
+            accuracy = obj.token_accuracy(log_probs.detach(), batch.labels, mask).mean()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{float(accuracy):.2f}")
             if solved:
                 break
@@ -364,12 +366,16 @@ class Editor:
 
     def _negatives(self, log_probs: torch.Tensor, batch: obj.TargetBatch, cfg: EditConfig) -> torch.Tensor | obj.TargetBatch:
         if cfg.method == "dpo":  # free-running greedy continuation of the prompt, scored under its own prefix
-            return self._greedy_negative_batch(batch)
+            return self._greedy_negative_batch(batch, log_probs, cfg.margin)
         if cfg.method == "kdpo_free":  # the same free-running tokens, but scored under the positive prefix
-            return self._greedy_negative_batch(batch).labels
+            free = self._greedy_negative_batch(batch, log_probs, 0.0).labels  # so pushed position by position
+            return obj.push_past_margin(free, log_probs, batch.labels, cfg.margin)
         return obj.teacher_forced_negative(log_probs, batch.labels, cfg.margin)
 
-    def _greedy_negative_batch(self, batch: obj.TargetBatch) -> obj.TargetBatch:
+    def _greedy_negative_batch(self, batch: obj.TargetBatch, log_probs: torch.Tensor, margin: float) -> obj.TargetBatch:
+        """Each prompt's greedy continuation, as long as its target. One that is the target itself (the
+        model gives it, short of `margin`) shares the target's prefixes, so its runner-ups there are
+        teacher-forced ones: they replace its tokens that lead by too little, as in KDPO."""
         prompts, lengths = [], []
         for i, plen in enumerate(batch.prompt_lengths):
             row = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
@@ -383,6 +389,11 @@ class Editor:
                                           min_new_tokens=length, do_sample=False,
                                           pad_token_id=self.tokenizer.pad_token_id)
                 generated.append(out[0, len(prompt):].tolist())
+        if margin > 0:
+            pushed = obj.push_past_margin(batch.labels, log_probs, batch.labels, margin)
+            for i, mask in enumerate(batch.target_mask):
+                if generated[i] == batch.labels[i][mask].tolist():
+                    generated[i] = pushed[i][mask].tolist()
         return obj.collate(prompts, generated, self.tokenizer.pad_token_id, self.device)
 
     def _reference(self, batch: obj.TargetBatch, negatives, cfg: EditConfig, reference_log_probs: torch.Tensor | None,

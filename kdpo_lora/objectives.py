@@ -109,17 +109,24 @@ def gather(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_forced_negative(log_probs: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """The argmax next token at each target position (KDPO's y_neg).
+    """The argmax next token at each target position (KDPO's y_neg), pushed past `margin`."""
+    return push_past_margin(log_probs.detach().argmax(-1), log_probs, labels, margin)
 
-    With `margin > 0`, a position whose argmax is already the target but leads the runner-up by
-    less than `margin` (in log-prob) takes the runner-up as its negative, so the push continues.
+
+def push_past_margin(negatives: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor,
+                     margin: float) -> torch.Tensor:
+    """`negatives`, except where one is the target itself, the target is the argmax but leads the
+    runner-up by less than `margin` (log-prob): there the runner-up, so the push continues.
+
+    Without it a negative equal to the target cancels out, and a row short of its margin would
+    have nothing left to push against (for a free-running negative: a loss over no position).
     """
+    if margin <= 0:
+        return negatives
     top2 = log_probs.detach().topk(2, dim=-1)
-    negatives = top2.indices[..., 0].clone()
-    if margin > 0:
-        close = (negatives == labels) & (top2.values[..., 0] - top2.values[..., 1] < margin)
-        negatives[close] = top2.indices[..., 1][close]
-    return negatives
+    close = ((negatives == labels) & (top2.indices[..., 0] == labels)
+             & (top2.values[..., 0] - top2.values[..., 1] < margin))
+    return torch.where(close, top2.indices[..., 1], negatives)
 
 
 def solved_rows(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -191,6 +191,54 @@ def test_baselines_run_behind_the_same_interface(tiny_model, tokenizer, method):
         assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_margin_makes_a_target_that_leads_by_too_little_push_against_its_runner_up():
+    log_probs = torch.log_softmax(torch.tensor([[[0.0, 2.5, 2.0, 0.0],    # target 1 leads by 0.5
+                                                 [0.0, 0.0, 4.0, 1.0],    # target 2 leads by 3
+                                                 [3.0, 0.0, 1.0, 0.0]]]), -1)  # target 2 is not the argmax
+    labels = torch.tensor([[1, 2, 2]])
+    assert obj.teacher_forced_negative(log_probs, labels).tolist() == [[1, 2, 0]]
+    assert obj.teacher_forced_negative(log_probs, labels, margin=1.0).tolist() == [[2, 2, 0]]
+    free_running = torch.tensor([[1, 3, 2]])  # a free-running negative equal to the target where it is not the argmax
+    assert obj.push_past_margin(free_running, log_probs, labels, 1.0).tolist() == [[2, 3, 2]]
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    assert not obj.solved_rows(log_probs, labels, mask, margin=1.0).any()
+    assert obj.solved_rows(log_probs[:, :2], labels[:, :2], mask[:, :2]).all()
+
+
+@pytest.mark.parametrize("method", ["kdpo", "kdpo_free", "dpo", "sft"])
+def test_editing_with_a_margin_leaves_every_target_token_that_far_ahead(tiny_model, tokenizer, method):
+    """The second edit starts where the model already generates the targets, short of the margin: a
+    free-running negative then equals the target, and the runner-up must be pushed instead. (A row
+    already past the margin is skipped, but must still hold when the other row is done.)"""
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20))
+    requests = [EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])]
+    assert all(r.success for r in editor.edit(requests, progress=False).results)
+    result = editor.edit(requests, config=EditConfig(method=method, learning_rate=5e-3, cycles=20, margin=1.0),
+                         progress=False)
+    assert all(r.success for r in result.results) and result.steps > 0
+    batch, _ = _batch(tokenizer, PAIRS[:2])
+    with torch.no_grad():
+        lp = obj.target_log_probs(editor.model, batch)
+    assert obj.solved_rows(lp, batch.labels, batch.target_mask, margin=1.0).all()
+
+
+def test_a_free_running_negative_that_is_the_target_takes_the_runner_ups_short_of_the_margin(tiny_model, tokenizer):
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20))
+    editor.edit([EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])], progress=False)  # the model now gives both
+    batch, _ = _batch(tokenizer, PAIRS[:2])
+    with torch.no_grad():
+        lp = obj.target_log_probs(editor.model, batch)
+    plain, pushed = (editor._greedy_negative_batch(batch, lp, margin) for margin in (0.0, 1.0))
+    teacher_forced = obj.teacher_forced_negative(lp, batch.labels, 1.0)
+    equal = ((plain.labels == batch.labels) | ~batch.target_mask).all(-1)
+    assert equal.any()  # the case under test occurs
+    for i in range(2):
+        m = batch.target_mask[i]
+        expected = teacher_forced[i][m] if equal[i] else plain.labels[i][m]
+        assert pushed.labels[i][pushed.target_mask[i]].tolist() == expected.tolist()
+    assert not torch.equal(pushed.labels, plain.labels)  # some target token leads by less than 1 nat
+
+
 def test_preservation_prompts_swap_the_subject():
     from kdpo_lora.editor import preservation_prompts
 

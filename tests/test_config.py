@@ -1,0 +1,23 @@
+"""The shipped YAML files: each resolves to a valid config, and the overlay changes only what it says."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kdpo_lora.config import CONFIG_DIR, read_yaml, resolve_config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_resolves_on_top_of_llama(path):
+    resolve_config("llama", path)
+
+
+def test_sequential_overlay_keeps_the_family_settings_and_adds_the_many_edit_set_up():
+    family = resolve_config("llama")
+    overlay = read_yaml(CONFIG_DIR / "sequential.yaml")
+    resolved = resolve_config("llama", CONFIG_DIR / "sequential.yaml")
+    assert resolved == replace(family, **overlay)
+    assert resolved.null_space > 0 and resolved.null_space_protect_edits > 0 and resolved.margin > 0
+    assert resolved.learning_rate == family.learning_rate and resolved.preserve_weight == family.preserve_weight
