@@ -390,7 +390,7 @@ class Editor:
                                           pad_token_id=self.tokenizer.pad_token_id)
                 generated.append(out[0, len(prompt):].tolist())
         if margin > 0:
-            pushed = obj.push_past_margin(batch.labels, log_probs, batch.labels, margin)
+            pushed = obj.teacher_forced_negative(log_probs, batch.labels, margin)
             for i, mask in enumerate(batch.target_mask):
                 if generated[i] == batch.labels[i][mask].tolist():
                     generated[i] = pushed[i][mask].tolist()
