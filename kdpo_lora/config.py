@@ -34,8 +34,10 @@ class EditConfig:
     nll_weight: float = 0.0
     preserve_weight: float = 0.0
     preserve_prompts: int = 4
+    preserve_reference: str = "below"  # the subject swaps keep the answers of: "below" (the stack) or "base"
     replay: int = 0
     anchors: int = 0
+    context_prefixes: int = 0  # each request is also trained after this many short generic sentences
     independent: bool = True
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -63,8 +65,9 @@ class EditConfig:
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
         for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay",
-                     "anchors", "null_space_samples"):
-            value, may_be_zero = getattr(self, name), name in ("replay", "anchors", "null_space_samples")
+                     "anchors", "context_prefixes", "null_space_samples"):
+            value, may_be_zero = getattr(self, name), name in ("replay", "anchors", "context_prefixes",
+                                                              "null_space_samples")
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if may_be_zero else 1):
                 raise ConfigError(f"{name}: must be a {'non-negative' if may_be_zero else 'positive'} integer, "
                                   f"got {value!r}")
@@ -72,6 +75,8 @@ class EditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if self.preserve_reference not in ("below", "base"):
+            raise ConfigError(f"preserve_reference: must be below or base, got {self.preserve_reference!r}")
         if self.null_space_first_token not in ("with_rest", "apart"):
             raise ConfigError(f"null_space_first_token: must be with_rest or apart, got {self.null_space_first_token!r}")
         for name in ("independent", "null_space_coordinates", "null_space_lr_matched"):

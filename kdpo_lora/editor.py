@@ -69,6 +69,12 @@ class BatchResult:
 
 
 SUBJECTS_FILE = Path(__file__).resolve().parent / "data" / "preservation_subjects.txt"
+PREFIXES_FILE = Path(__file__).resolve().parent / "data" / "context_prefixes.txt"
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
 
 
 @dataclass
@@ -93,8 +99,7 @@ class Preservation:
 
 def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int) -> list[str]:
     """Each request's prompt with its subject swapped for `count` unrelated subjects (none without a subject)."""
-    subjects = [line.strip() for line in SUBJECTS_FILE.read_text(encoding="utf-8").splitlines()
-                if line.strip() and not line.startswith("#")]
+    subjects = _lines(SUBJECTS_FILE)
     prompts = []
     for i, request in enumerate(requests):
         if not request.subject or request.subject not in request.prompt:
@@ -103,6 +108,20 @@ def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int)
         others = [s for s in subjects if s.lower() != request.subject.lower()]
         prompts += [request.prompt.replace(request.subject, other) for other in rng.sample(others, count)]
     return prompts
+
+
+def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list[tuple[str, str]]:
+    """The (prompt, target) rows an edit trains: every request as given, then `count` rounds of each
+    request after a different short generic sentence (row i belongs to request i % len(requests)).
+
+    An edit learnt only at the start of a text generalises poorly to the fact mentioned mid-text, as
+    CounterFact's paraphrases are (ROME and MEMIT train with such context for the same reason)."""
+    rows = [(r.prompt, r.target_new) for r in requests]
+    if count <= 0:
+        return rows
+    sentences = _lines(PREFIXES_FILE)
+    chosen = [random.Random(seed * 1_000_003 + i).sample(sentences, count) for i in range(len(requests))]
+    return rows + [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
 
 
 def new_adapter_name() -> str:
@@ -132,13 +151,16 @@ class Editor:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int) -> obj.TargetBatch:
+    def encode(self, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int,
+               requests: int | None = None) -> obj.TargetBatch:
+        """Rows as one padded batch; an error names request i % `requests` (all rows by default)."""
         pairs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             try:
                 pairs.append(obj.tokenize_pair(self.tokenizer, prompt, target, max_target_tokens, self.max_length))
             except RequestError as err:
-                raise RequestError(f"request {i}: {err}") from None
+                where = "" if requests is None or i < requests else " (after a context prefix)"
+                raise RequestError(f"request {i % (requests or len(prompts))}{where}: {err}") from None
         return obj.collate([p for p, _ in pairs], [t for _, t in pairs], self.tokenizer.pad_token_id, self.device)
 
     # ------------------------------------------------------------------ the loop
@@ -159,7 +181,9 @@ class Editor:
         requests = list(requests)
         check_batch(requests)
         name = name or new_adapter_name()
-        batch = self.encode([r.prompt for r in requests], [r.target_new for r in requests], cfg.max_target_tokens)
+        rows = with_context(requests, cfg.context_prefixes, cfg.seed)
+        batch = self.encode([p for p, _ in rows], [t for _, t in rows], cfg.max_target_tokens, len(requests))
+        n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
 
@@ -178,7 +202,7 @@ class Editor:
                     preserve.own_reference = first[1][:preserve.own].detach()
                 pre_log_probs = first[0].detach()
                 pre_accuracy = obj.token_accuracy(pre_log_probs, batch.labels, batch.target_mask)
-                todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)
+                todo = ~obj.solved_rows(pre_log_probs, batch.labels, batch.target_mask, cfg.margin)[:n]
                 if not todo.any():
                     raise RequestError("the model already gives every target; nothing to edit")
                 cycles = steps = 0
@@ -231,8 +255,10 @@ class Editor:
         if not below:  # trained alone: no earlier facts are active, and the unedited model is the reference
             replay, anchors = (), ()
         edited = {r.key for r in requests}
-        prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
-        prompts += [p for p in replay if " ".join(p.split()).lower() not in edited]
+        swaps = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        if cfg.preserve_reference == "base" and below:  # held where the unedited model has them, like anchors
+            anchors, swaps = swaps + list(anchors), []
+        prompts = swaps + [p for p in replay if " ".join(p.split()).lower() not in edited]
         anchors = list(anchors)
         if not prompts and not anchors:
             return None

@@ -21,3 +21,14 @@ def test_sequential_overlay_keeps_the_family_settings_and_adds_the_many_edit_set
     assert resolved == replace(family, **overlay)
     assert resolved.null_space > 0 and resolved.null_space_protect_edits > 0 and resolved.margin > 0
     assert resolved.learning_rate == family.learning_rate and resolved.preserve_weight == family.preserve_weight
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"preserve_reference": "stack"}, "preserve_reference: must be below or base"),
+    ({"context_prefixes": -1}, "context_prefixes: must be a non-negative integer"),
+])
+def test_a_bad_setting_is_named(setting, message):
+    from kdpo_lora.config import ConfigError, EditConfig
+
+    with pytest.raises(ConfigError, match=message):
+        EditConfig(**setting)

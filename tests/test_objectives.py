@@ -376,3 +376,61 @@ def test_references_held_for_the_batch_equal_fresh_passes_without_the_adapter(ti
     monkeypatch.setattr(Editor, "_loss", checking_loss)
     result = editor.edit([EditRequest("the capital of japan is", "rome", subject="japan")], progress=False)
     assert result.cycles >= 2 and checked["targets"] >= 2 and checked["preservation"] == 1
+
+
+def test_context_rows_put_each_request_after_distinct_sentences():
+    from kdpo_lora.editor import with_context
+
+    requests = [EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])]
+    assert with_context(requests, 0, seed=0) == [PAIRS[0], PAIRS[1]]
+    rows = with_context(requests, 3, seed=0)
+    assert rows[:2] == [PAIRS[0], PAIRS[1]] and len(rows) == 8
+    for i, (prompt, target) in enumerate(rows[2:]):
+        own_prompt, own_target = PAIRS[i % 2]
+        assert prompt.endswith(" " + own_prompt) and len(prompt) > len(own_prompt) + 10 and target == own_target
+    assert len({p for p, _ in rows[2::2]}) == 3  # request 0's three contexts differ
+    assert rows == with_context(requests, 3, seed=0)  # seeded
+
+
+@pytest.mark.parametrize("method", ["kdpo", "sft"])
+def test_an_edit_with_context_prefixes_holds_after_each_of_them(tiny_model, tokenizer, method):
+    """The prefixed rows are trained, not just the plain prompt: after the edit the target is written
+    (1 nat ahead) after every context sentence, and the results still report one row per request."""
+    from kdpo_lora.editor import with_context
+
+    editor = Editor(tiny_model, tokenizer, EditConfig(method=method, learning_rate=5e-3, cycles=20, margin=1.0,
+                                                      context_prefixes=3, seed=1))
+    requests = [EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])]
+    result = editor.edit(requests, progress=False)
+    assert len(result.results) == 2 and all(r.success for r in result.results)
+    batch, _ = _batch(tokenizer, with_context(requests, 3, seed=1))
+    with torch.no_grad():
+        lp = obj.target_log_probs(editor.model, batch)
+    assert obj.solved_rows(lp, batch.labels, batch.target_mask, margin=1.0).all()
+
+
+def test_a_context_prefix_that_makes_a_row_too_long_names_its_request(tiny_model, tokenizer):
+    from kdpo_lora.errors import RequestError
+
+    editor = Editor(tiny_model, tokenizer, EditConfig(context_prefixes=1))
+    long_prompt = " ".join(["the"] * 120)  # fits the tiny model's 128 positions alone, not after a sentence
+    with pytest.raises(RequestError, match=r"request 1 \(after a context prefix\).*longer than the model's context"):
+        editor.edit([EditRequest(*PAIRS[0]), EditRequest(long_prompt, "rome")], progress=False)
+
+
+@pytest.mark.parametrize("reference", ["below", "base"])
+def test_subject_swaps_keep_the_answers_of_the_chosen_reference(tiny_model, tokenizer, reference):
+    """On top of an earlier edit, `preserve_reference: base` holds the subject swaps where the unedited
+    model has them (pulling back the drift the earlier edit left), `below` where the stack has them."""
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20, preserve_weight=1.0))
+    editor.edit([EditRequest("the capital of japan is", "paris", subject="japan")], progress=False)
+    cfg = EditConfig(preserve_weight=1.0, preserve_reference=reference)
+    request = EditRequest("the capital of spain is", "rome", subject="spain")
+    preserve = editor._preservation([request], cfg, below=list(editor.stack))
+    with torch.no_grad(), adapters.only_adapters(editor.model, [] if reference == "base" else editor.stack):
+        expected = obj.next_token_log_probs(editor.model, preserve.input_ids, preserve.attention_mask)
+    with torch.no_grad(), adapters.only_adapters(editor.model, editor.stack if reference == "base" else []):
+        other = obj.next_token_log_probs(editor.model, preserve.input_ids, preserve.attention_mask)
+    assert preserve.input_ids.shape[0] == cfg.preserve_prompts
+    torch.testing.assert_close(preserve.reference, expected)
+    assert not torch.allclose(preserve.reference, other, atol=1e-3)  # the earlier edit moved them
