@@ -120,6 +120,7 @@ def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list
     if count <= 0:
         return rows
     sentences = _lines(PREFIXES_FILE)
+    count = min(count, len(sentences))  # each sentence at most once per request
     chosen = [random.Random(seed * 1_000_003 + i).sample(sentences, count) for i in range(len(requests))]
     return rows + [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
 

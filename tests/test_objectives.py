@@ -390,6 +390,8 @@ def test_context_rows_put_each_request_after_distinct_sentences():
         assert prompt.endswith(" " + own_prompt) and len(prompt) > len(own_prompt) + 10 and target == own_target
     assert len({p for p, _ in rows[2::2]}) == 3  # request 0's three contexts differ
     assert rows == with_context(requests, 3, seed=0)  # seeded
+    every = with_context(requests, 10_000, seed=0)  # more than the shipped sentences: each once
+    assert len(every) > 8 and len(set(every)) == len(every)
 
 
 @pytest.mark.parametrize("method", ["kdpo", "sft"])
