@@ -182,9 +182,9 @@ class Editor:
         requests = list(requests)
         check_batch(requests)
         name = name or new_adapter_name()
-        rows = with_context(requests, cfg.context_prefixes, cfg.seed)
-        batch = self.encode([p for p, _ in rows], [t for _, t in rows], cfg.max_target_tokens, len(requests))
         n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
+        rows = with_context(requests, cfg.context_prefixes, cfg.seed)
+        batch = self.encode([p for p, _ in rows], [t for _, t in rows], cfg.max_target_tokens, n)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
 
@@ -247,8 +247,8 @@ class Editor:
                       replay: Sequence[str] = (), anchors: Sequence[str] = (), fresh: bool = False) -> Preservation | None:
         """Prompts whose next-token answers must not move, and those answers, fixed per phase.
 
-        Subject-swapped and replayed prompts keep their answers with only `below` active; anchors
-        keep the unedited model's. `fresh`: the trained adapter is still a no-op, so the edit's first pass
+        Subject-swapped and replayed prompts keep their answers with only `below` active (the swaps
+        the unedited model's with `preserve_reference: base`); anchors keep the unedited model's. `fresh`: the trained adapter is still a no-op, so the edit's first pass
         gives the subject-swapped and replayed prompts' answers; they are not computed here.
         """
         if cfg.preserve_weight <= 0:
@@ -256,11 +256,10 @@ class Editor:
         if not below:  # trained alone: no earlier facts are active, and the unedited model is the reference
             replay, anchors = (), ()
         edited = {r.key for r in requests}
-        swaps = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        swaps, anchors = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed), list(anchors)
         if cfg.preserve_reference == "base" and below:  # held where the unedited model has them, like anchors
-            anchors, swaps = swaps + list(anchors), []
+            swaps, anchors = [], swaps + anchors
         prompts = swaps + [p for p in replay if " ".join(p.split()).lower() not in edited]
-        anchors = list(anchors)
         if not prompts and not anchors:
             return None
         encoded = self.tokenizer([p.rstrip() for p in prompts + anchors], return_tensors="pt",
