@@ -51,6 +51,7 @@ class EditConfig:
     null_space_lr_scale: float = 1.0  # the null-space coordinates learn at this times learning_rate
     null_space_lr_matched: bool = False  # and at sqrt(d/k) times it per layer: Adam's step on A as long as unconfined
     null_space_protect_edits: float = 0.0  # > 0: also avoid the profile's earlier edits' inputs, keeping this share
+    null_space_protect_swaps: float = 0.0  # > 0: also avoid the inputs of the edit's own subject swaps, keeping this share
     null_space_first_token: str = "with_rest"  # "apart": each text's first token (attention sink) weighs as much as the rest
     seed: int = 0
     max_target_tokens: int = 64
@@ -86,7 +87,7 @@ class EditConfig:
             raise ConfigError("target_modules: must be a non-empty list of module names")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ConfigError("layers: must be null or a list of layer indices >= 0")
-        for name in ("skip_lower_layers", "null_space", "null_space_protect_edits"):
+        for name in ("skip_lower_layers", "null_space", "null_space_protect_edits", "null_space_protect_swaps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{name}: must be a fraction in [0, 1), got {value!r}")
@@ -118,7 +119,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
     for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha",
-                "skip_lower_layers", "null_space", "null_space_max_gb", "null_space_lr_scale", "null_space_protect_edits"):
+                "skip_lower_layers", "null_space", "null_space_max_gb", "null_space_lr_scale", "null_space_protect_edits",
+                "null_space_protect_swaps"):
         if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string
             try:
                 out[key] = float(out[key])

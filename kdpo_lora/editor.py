@@ -194,7 +194,7 @@ class Editor:
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
-            confine = self._confinement(name, cfg, progress, protect or {})
+            confine = self._confinement(name, cfg, progress, protect or {}, requests)
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
                 preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
@@ -277,11 +277,12 @@ class Editor:
                                                                          preserve.attention_mask[own:])
         return preserve
 
-    def _confinement(self, name: str, cfg: EditConfig, progress: bool,
-                     protect: dict[str, Sequence[str]]) -> Confinement | None:
+    def _confinement(self, name: str, cfg: EditConfig, progress: bool, protect: dict[str, Sequence[str]],
+                     requests: Sequence[EditRequest]) -> Confinement | None:
         """Adapter `name`'s A matrices held in each layer's null space of generic text (nullspace.py), less
-        the directions the `protect`ed batches were written through; None when `null_space` is off, or
-        on where its covariances would need more than `null_space_max_gb`."""
+        the directions the `protect`ed batches were written through and (`null_space_protect_swaps`)
+        those `requests`' own subject swaps are read through; None when `null_space` is off, or on
+        where its covariances would need more than `null_space_max_gb`."""
         if cfg.null_space <= 0:
             return None
         needed = covariance_bytes(self.model, name) / 1024 ** 3
@@ -304,6 +305,11 @@ class Editor:
         if cfg.null_space_protect_edits > 0 and protect:
             avoided = self._edit_key_moments(protect, bases, (*key, *modules))
             bases = {path: narrowed(basis, avoided[path], cfg.null_space_protect_edits, cfg.lora_rank)
+                     for path, basis in bases.items()}
+        swaps = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        if cfg.null_space_protect_swaps > 0 and swaps:  # the same question about others: the edit's neighbours, where its drift lands first
+            avoided = edit_key_moments(self.model, self.tokenizer, swaps, bases)
+            bases = {path: narrowed(basis, avoided[path], cfg.null_space_protect_swaps, cfg.lora_rank)
                      for path, basis in bases.items()}
         return Confinement(self.model, name, bases, coordinates=cfg.null_space_coordinates)
 

@@ -298,3 +298,39 @@ def test_each_batch_avoids_the_profiles_earlier_facts_and_a_rolled_back_one_is_f
     for moment, path in zip(seen, modules):  # the profile grew: the running sum adds the third fact
         expected = plain[path].T @ (only_second[path] + third[path]) @ plain[path]
         assert torch.allclose(moment, expected, atol=1e-5), path
+
+
+def test_an_edit_avoids_the_directions_its_own_subject_swaps_are_read_through(tiny_model_dir, tokenizer, tmp_path,
+                                                                           monkeypatch):
+    """`null_space_protect_swaps`: the edit's A rows lie in the null space less the directions its own
+    subject swaps (the same question about others, its nearest neighbours) use; off, they are not avoided."""
+    from kdpo_lora.editor import preservation_prompts
+    from kdpo_lora.loading import load_model
+    from kdpo_lora.nullspace import null_space_bases
+    from kdpo_lora.session import KnowledgeEditor
+
+    monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("kdpo_lora.editor.generic_texts", lambda: GENERIC)
+    fact = EditRequest("the eiffel tower is located in the city of", "rome", subject="the eiffel tower")
+    settings = dict(learning_rate=5e-3, beta=1.0, null_space=0.05, null_space_samples=0, preserve_prompts=6,
+                    preserve_weight=0.0, independent=False)
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store",
+                         overrides=dict(settings, null_space_protect_swaps=0.05))
+    name = ke.edit([fact], progress=False).adapter
+    modules = sorted(lora_layers(ke.editor.model, name))
+    plain = null_space_bases(ke.editor.model, tokenizer, modules, 0.05, GENERIC)
+    swaps = preservation_prompts([fact], 6, 0)
+    assert len(swaps) == 6 and not any("eiffel" in s for s in swaps)
+    avoided = input_covariances(ke.editor.model, tokenizer, swaps, modules, "skip")
+    narrower = 0
+    for path, module in lora_layers(ke.editor.model, name).items():
+        kept = narrowed(plain[path], plain[path].T @ avoided[path] @ plain[path], 0.05, 8)
+        narrower += kept.shape[1] < plain[path].shape[1]
+        weight = module.lora_A[name].weight.detach()
+        assert torch.allclose(weight @ kept @ kept.T, weight, atol=1e-5), path  # inside the narrowed span
+    assert narrower > 0  # the swaps did take directions away
+    seen = []
+    monkeypatch.setattr("kdpo_lora.editor.narrowed", lambda basis, moment, *a: seen.append(moment) or basis)
+    ke.editor.edit([EditRequest("the colosseum is located in the city of", "paris", subject="the colosseum")],
+                   config=EditConfig(**settings), progress=False)
+    assert not seen  # off by default: nothing narrowed
