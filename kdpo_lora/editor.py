@@ -306,8 +306,9 @@ class Editor:
             avoided = self._edit_key_moments(protect, bases, (*key, *modules))
             bases = {path: narrowed(basis, avoided[path], cfg.null_space_protect_edits, cfg.lora_rank)
                      for path, basis in bases.items()}
-        swaps = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
-        if cfg.null_space_protect_swaps > 0 and swaps:  # the same question about others: the edit's neighbours, where its drift lands first
+        # the same question about others: the edit's nearest neighbours, where its drift lands first
+        swaps = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed) if cfg.null_space_protect_swaps > 0 else []
+        if swaps:
             avoided = edit_key_moments(self.model, self.tokenizer, swaps, bases)
             bases = {path: narrowed(basis, avoided[path], cfg.null_space_protect_swaps, cfg.lora_rank)
                      for path, basis in bases.items()}
