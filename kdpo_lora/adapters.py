@@ -129,10 +129,16 @@ def delete_adapter(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return model
 
 
+def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
+    """The LoRA weights of adapter `name`. Edits never resize the vocabulary, so peft is told not to
+    save embedding layers; its default ("auto") asks the Hub about the base model on every call."""
+    return get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+
+
 def save_adapter(model: PeftModel, name: str, folder: Path, base_model_name: str | None = None) -> None:
     """Write a standard PEFT adapter folder (config JSON + safetensors) for adapter `name`."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=name)
+    state = adapter_state(model, name)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     config = model.peft_config[name].to_dict()
@@ -173,7 +179,7 @@ def load_adapter(model: torch.nn.Module, name: str, folder: Path) -> PeftModel:
         model = add_adapter(model, name, config)
     except ValueError as err:  # peft: none of its target modules/layers exist in this model
         raise IntegrityError(f"{folder}: adapter weights do not fit this model ({str(err).splitlines()[0]})") from None
-    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    expected = set(adapter_state(model, name))
     if set(state) != expected:
         model = delete_adapter(model, name)
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

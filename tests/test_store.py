@@ -356,3 +356,20 @@ def test_a_merged_stack_rolls_back_squashes_and_takes_new_edits(deep, tmp_path):
     assert ke.generate(["the capital of spain is"], max_new_tokens=1) == ["london"]
     ke.store().create_profile("only-d8", ["d8"])  # independent: it holds without the merged batches too
     assert ke.generate(["the capital of spain is"], "only-d8", max_new_tokens=1) == ["london"]
+
+
+def test_saving_and_loading_an_adapter_asks_no_hub(stacked, tmp_path, monkeypatch):
+    """peft's default state-dict export looks the base model up on the Hub to see whether its
+    vocabulary was resized; an adapter store must work offline and not call out on every load."""
+    import peft.utils.save_and_load as peft_io
+
+    ke, _, _ = stacked
+    name = adapters.adapter_names(ke.model)[0]
+    lookups = []
+    monkeypatch.setattr(peft_io, "check_file_exists_on_hf_hub", lambda *a, **k: lookups.append(a) or False)
+    folder = tmp_path / "exported"
+    adapters.save_adapter(ke.model, name, folder, base_model_name="SomeOrg/a-model-not-on-this-machine")
+    ke.editor.model = adapters.load_adapter(ke.model, "reloaded", folder)
+    assert lookups == []
+    saved, again = adapters.adapter_state(ke.model, name), adapters.adapter_state(ke.model, "reloaded")
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
