@@ -65,8 +65,9 @@ def set_active(model: torch.nn.Module, names: Sequence[str], trainable: str | No
         if names:
             raise ValueError("no adapters are loaded")
         return
-    if names:
-        _activate(model, names)
+    if not names:  # peft always keeps one adapter active; silently leaving the last set on would lie
+        raise ValueError("set_active needs at least one LoRA adapter; use only_adapters(model, ()) for none")
+    _activate(model, names)
     freeze_all_but(model, trainable)
 
 
