@@ -21,6 +21,16 @@ from kdpo_lora.requests import read_requests  # noqa: E402
 THRESHOLDS = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
+@torch.no_grad()
+def answer_leads(model, tokenizer, prompt: str, answer: str) -> list[float]:
+    """At each answer position, the model's top log-prob minus its runner-up's (nats)."""
+    prompt_ids, answer_ids = obj.tokenize_pair(tokenizer, prompt, answer)
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([prompt_ids + answer_ids], device=device)).logits
+    top2 = logits[0, len(prompt_ids) - 1:-1].float().log_softmax(-1).topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     if args.threads:
@@ -29,11 +39,7 @@ def main() -> None:
     leads = []
     for request in read_requests(args.data)[: args.n]:
         for probe in request.locality:
-            prompt, answer = obj.tokenize_pair(loaded.tokenizer, probe.prompt, probe.answer)
-            with torch.no_grad():
-                logits = loaded.model(input_ids=torch.tensor([prompt + answer])).logits
-            top2 = logits[0, len(prompt) - 1:-1].float().log_softmax(-1).topk(2, dim=-1).values
-            leads += (top2[:, 0] - top2[:, 1]).tolist()
+            leads += answer_leads(loaded.model, loaded.tokenizer, probe.prompt, probe.answer)
     result = {"answer_tokens": len(leads), "median_lead": statistics.median(leads),
               "share_below": {str(t): sum(v < t for v in leads) / len(leads) for t in THRESHOLDS}}
     print(result)
