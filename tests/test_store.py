@@ -373,3 +373,16 @@ def test_saving_and_loading_an_adapter_asks_no_hub(stacked, tmp_path, monkeypatc
     assert lookups == []
     saved, again = adapters.adapter_state(ke.model, name), adapters.adapter_state(ke.model, "reloaded")
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_switching_every_adapter_off_goes_through_only_adapters(stacked):
+    """peft always keeps one adapter active, so `set_active(model, [])` cannot mean "none": refused."""
+    ke, _, tol = stacked
+    edited = _logits(ke, "default")
+    with pytest.raises(ValueError, match="only_adapters"):
+        adapters.set_active(ke.model, [])
+    encoded = ke.loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), adapters.only_adapters(ke.model, ()):
+        off = ke.model(**encoded).logits[encoded.attention_mask.bool()].float()
+    assert torch.allclose(off, _logits(ke, None), atol=tol) and not torch.allclose(off, edited, atol=tol)
+    assert torch.allclose(_logits(ke, "default"), edited, atol=tol)
