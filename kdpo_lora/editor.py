@@ -406,9 +406,9 @@ class Editor:
         return obj.teacher_forced_negative(log_probs, batch.labels, cfg.margin)
 
     def _greedy_negative_batch(self, batch: obj.TargetBatch, log_probs: torch.Tensor, margin: float) -> obj.TargetBatch:
-        """Each prompt's greedy continuation, as long as its target. One that is the target itself (the
-        model gives it, short of `margin`) shares the target's prefixes, so its runner-ups there are
-        teacher-forced ones: they replace its tokens that lead by too little, as in KDPO."""
+        """Each prompt's greedy continuation, as long as its target. One that is the target itself (a
+        fixed-length generation never picks end-of-text, or the target leads by less than `margin`)
+        shares the target's prefixes, so the teacher-forced negative replaces it, as in KDPO."""
         prompts, lengths = [], []
         for i, plen in enumerate(batch.prompt_lengths):
             row = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
@@ -422,11 +422,10 @@ class Editor:
                                           min_new_tokens=length, do_sample=False,
                                           pad_token_id=self.tokenizer.pad_token_id)
                 generated.append(out[0, len(prompt):].tolist())
-        if margin > 0:
-            pushed = obj.teacher_forced_negative(log_probs, batch.labels, margin)
-            for i, mask in enumerate(batch.target_mask):
-                if generated[i] == batch.labels[i][mask].tolist():
-                    generated[i] = pushed[i][mask].tolist()
+        pushed = obj.teacher_forced_negative(log_probs, batch.labels, margin)
+        for i, mask in enumerate(batch.target_mask):
+            if generated[i] == batch.labels[i][mask].tolist():
+                generated[i] = pushed[i][mask].tolist()
         return obj.collate(prompts, generated, self.tokenizer.pad_token_id, self.device)
 
     def _reference(self, batch: obj.TargetBatch, negatives, cfg: EditConfig, reference_log_probs: torch.Tensor | None,

@@ -115,18 +115,18 @@ def teacher_forced_negative(log_probs: torch.Tensor, labels: torch.Tensor, margi
 
 def push_past_margin(negatives: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor,
                      margin: float) -> torch.Tensor:
-    """`negatives`, except where one is the target itself, the target is the argmax but leads the
-    runner-up by less than `margin` (log-prob): there the runner-up, so the push continues.
+    """`negatives`, except where one is the target itself at a position the target does not yet hold
+    (it is not the argmax, or leads the runner-up by less than `margin` log-prob): there the
+    teacher-forced argmax, or the runner-up where the argmax is the target, so the push continues.
 
-    Without it a negative equal to the target cancels out, and a row short of its margin would
-    have nothing left to push against (for a free-running negative: a loss over no position).
+    Without it a negative equal to the target cancels out, and a row short of its target would have
+    nothing left to push against - a free-running negative can equal the target where the
+    teacher-forced argmax is end-of-text, which generating a fixed length never picks.
     """
-    if margin <= 0:
-        return negatives
     top2 = log_probs.detach().topk(2, dim=-1)
-    close = ((negatives == labels) & (top2.indices[..., 0] == labels)
-             & (top2.values[..., 0] - top2.values[..., 1] < margin))
-    return torch.where(close, top2.indices[..., 1], negatives)
+    first, second = top2.indices[..., 0], top2.indices[..., 1]
+    held = (first == labels) & (top2.values[..., 0] - top2.values[..., 1] >= margin)
+    return torch.where((negatives == labels) & ~held, torch.where(first == labels, second, first), negatives)
 
 
 def solved_rows(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -198,8 +198,9 @@ def test_margin_makes_a_target_that_leads_by_too_little_push_against_its_runner_
     labels = torch.tensor([[1, 2, 2]])
     assert obj.teacher_forced_negative(log_probs, labels).tolist() == [[1, 2, 0]]
     assert obj.teacher_forced_negative(log_probs, labels, margin=1.0).tolist() == [[2, 2, 0]]
-    free_running = torch.tensor([[1, 3, 2]])  # a free-running negative equal to the target where it is not the argmax
-    assert obj.push_past_margin(free_running, log_probs, labels, 1.0).tolist() == [[2, 3, 2]]
+    free_running = torch.tensor([[1, 3, 2]])  # equal to the target where the target is not the argmax: the argmax
+    assert obj.push_past_margin(free_running, log_probs, labels, 1.0).tolist() == [[2, 3, 0]]
+    assert obj.push_past_margin(free_running, log_probs, labels, 0.0).tolist() == [[1, 3, 0]]
     mask = torch.ones_like(labels, dtype=torch.bool)
     assert not obj.solved_rows(log_probs, labels, mask, margin=1.0).any()
     assert obj.solved_rows(log_probs[:, :2], labels[:, :2], mask[:, :2]).all()
@@ -436,3 +437,23 @@ def test_subject_swaps_keep_the_answers_of_the_chosen_reference(tiny_model, toke
     assert preserve.input_ids.shape[0] == cfg.preserve_prompts
     torch.testing.assert_close(preserve.reference, expected)
     assert not torch.allclose(preserve.reference, other, atol=1e-3)  # the earlier edit moved them
+
+
+@pytest.mark.parametrize("method", ["kdpo_free", "dpo"])
+def test_a_free_running_negative_that_is_the_target_pushes_against_the_argmax(tiny_model, tokenizer, method):
+    """Generating a fixed number of tokens never picks end-of-text, so where that is the argmax the
+    free-running negative is the target itself and cancels out: the edit must push against the
+    argmax there (KDPO-free had no position left, its loss the mean over no row: NaN; DPO stalled)."""
+    prompt = PAIRS[0][0]
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    with torch.no_grad():  # end-of-text made to lead the argmax by half a nat after this prompt
+        out = tiny_model(input_ids=ids, output_hidden_states=True)
+        top, hidden = int(out.logits[0, -1].argmax()), out.hidden_states[-1][0, -1]
+        tiny_model.lm_head.weight[tokenizer.eos_token_id] = tiny_model.lm_head.weight[top] + 0.5 * hidden / hidden.square().sum()
+        assert int(tiny_model(input_ids=ids).logits[0, -1].argmax()) == tokenizer.eos_token_id
+        generated = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                        min_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated[0, -1] == top  # the case occurs: the free-running negative is the target
+    editor = Editor(tiny_model, tokenizer, EditConfig(method=method, learning_rate=5e-3, cycles=20))
+    result = editor.edit([EditRequest(prompt, tokenizer.decode([top]))], progress=False)
+    assert result.results[0].success and all(math.isfinite(v) for v in result.losses)
