@@ -9,6 +9,9 @@ A probe "flips" at batch k when its answer tokens matched the unedited model's w
 active and no longer do with 1..k; "own" flips happen at the probe's own batch, "later" ones at a
 batch edited afterwards. Same relation: the culprit's prompt, subject blanked, equals the probe's
 request's. The lead is the unedited model's top-1 minus runner-up log-prob at the first answer token.
+A flip is "pushed down" where the neighbour's unedited first answer token is one the culprit pushed
+down (its answer at a target position before it, KDPO's negative), "pulled up" where its new first
+answer token is one of the culprit's target tokens (kdpo_lora/guards.py holds such places).
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ def main() -> None:
             return [row["argmax"] for row in score_targets(ke.model, tokenizer, [q[2] for q in probes],
                                                            [q[3] for q in probes])]
 
+    def moved_tokens(k: int, requests) -> tuple[set[int], set[int]]:
+        """Batch k's pushed-down tokens (the answers at its target positions with batches 1..k-1 on, where
+        they are not the target: KDPO's negatives) and its pulled-up ones (the target tokens)."""
+        with torch.no_grad(), adapters.only_adapters(ke.model, names[:k - 1]):
+            rows = score_targets(ke.model, tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
+        return ({a for row in rows for a, t in zip(row["argmax"], row["target"]) if a != t},
+                {t for row in rows for t in row["target"]})
+
     pre = answers(0)
     with adapters.only_adapters(ke.model, ()):
         leads = [answer_leads(ke.model, tokenizer, q[2], q[3])[0] for q in probes]
@@ -60,6 +71,7 @@ def main() -> None:
     for k in range(1, len(names) + 1):
         now = answers(k)
         culprit = store.requests_of(names[k - 1])
+        pushed_down, pulled_up = moved_tokens(k, culprit)
         for i, (b, request, prompt, _) in enumerate(probes):
             if b >= k:
                 continue
@@ -68,7 +80,8 @@ def main() -> None:
                 events.append({"probe": i, "probe_batch": b + 1, "batch": k, "flip": not same,
                                "own": b == k - 1, "same_relation": any(relation(c) == relation(request) for c in culprit),
                                "before": tokenizer.decode(pre[i][:1]), "after": tokenizer.decode(now[i][:1]),
-                               "lead": leads[i]})
+                               "lead": leads[i], "pushed_down": pre[i][0] in pushed_down,
+                               "pulled_up": now[i][0] in pulled_up})
             same_before[i] = same
         active = [i for i, q in enumerate(probes) if q[0] < k]
         token_share = [sum(x == y for x, y in zip(now[i], pre[i])) / len(pre[i]) for i in active]
@@ -81,6 +94,11 @@ def main() -> None:
         "probes": len(probes), "batches": len(names),
         "changed_at_end": len(moved), "flips": len(flips), "own_batch_flips": len(flips) - len(later),
         "later_flips": len(later), "later_flips_same_relation": sum(e["same_relation"] for e in later),
+        # the culprit pushed the neighbour's unedited first answer token down (its negative) / its own
+        # target up into the neighbour's first answer position
+        "later_flips_pushed_down": sum(e["pushed_down"] for e in later),
+        "later_flips_pulled_up": sum(e["pulled_up"] for e in later),
+        "later_flips_either": sum(e["pushed_down"] or e["pulled_up"] for e in later),
         "flips_back": len(events) - len(flips),
         "median_lead_changed_at_end": statistics.median([leads[i] for i in moved]) if moved else None,
         "median_lead_kept": statistics.median([leads[i] for i in range(len(probes)) if i not in moved]),

@@ -37,6 +37,7 @@ class EditConfig:
     preserve_reference: str = "below"  # the subject swaps keep the answers of: "below" (the stack) or "base"
     replay: int = 0
     anchors: int = 0
+    guards: int = 0  # per request: generic-text prompts where the tokens it moves are at stake, held (guards.py)
     context_prefixes: int = 0  # each request is also trained after this many short generic sentences
     independent: bool = True
     lora_rank: int = 8
@@ -66,8 +67,8 @@ class EditConfig:
         if self.learning_rate > 1.0:
             raise ConfigError(f"learning_rate: {self.learning_rate} is far too large (it would diverge); use <= 1")
         for name in ("cycles", "steps_per_cycle", "lora_rank", "max_target_tokens", "preserve_prompts", "replay",
-                     "anchors", "context_prefixes", "null_space_samples"):
-            value, may_be_zero = getattr(self, name), name in ("replay", "anchors", "context_prefixes",
+                     "anchors", "guards", "context_prefixes", "null_space_samples"):
+            value, may_be_zero = getattr(self, name), name in ("replay", "anchors", "guards", "context_prefixes",
                                                               "null_space_samples")
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if may_be_zero else 1):
                 raise ConfigError(f"{name}: must be a {'non-negative' if may_be_zero else 'positive'} integer, "

@@ -33,6 +33,7 @@ from . import objectives as obj
 from .config import EditConfig
 from .nullspace import (Confinement, covariance_bytes, edit_key_moments, generic_texts, lora_layers, narrowed,
                         null_space_bases, sampled_texts)
+from .guards import GuardPool, guard_pool
 from .prefix import frozen_prefix
 from .errors import KdpoWarning, NumericalError, RequestError
 from .requests import EditRequest, check_batch
@@ -141,6 +142,7 @@ class Editor:
         self._null_bases: dict[tuple[str, float, int, str], torch.Tensor] = {}  # see nullspace.py
         self._null_space_refused = False  # the notice that the null space is too large is given once
         self._edit_keys: dict[tuple, tuple[tuple[str, ...], dict]] = {}  # see _edit_key_moments
+        self._guard_pools: dict[int, GuardPool] = {}  # by null_space_samples (guards.py); scored on first use
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +199,8 @@ class Editor:
             confine = self._confinement(name, cfg, progress, protect or {}, requests)
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
-                preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True)
+                guards = self._guards(batch, cfg, n, progress)
+                preserve = self._preservation(requests, cfg, earlier, replay, anchors, fresh=True, guards=guards)
                 first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
                 if preserve is not None:  # the new adapter is still a no-op (B = 0): this pass gives the answers
                     preserve.own_reference = first[1][:preserve.own].detach()
@@ -217,7 +220,7 @@ class Editor:
                     if phase > 0:
                         if self._solved(batch, cfg):
                             continue
-                        preserve = self._preservation(requests, cfg, below, replay, anchors)
+                        preserve = self._preservation(requests, cfg, below, replay, anchors, guards=guards)
                     c, s, l = self._train(batch, cfg, name, below, progress, preserve,
                                           first if phase == 0 else None, confine)
                     cycles, steps, losses = cycles + c, steps + s, losses + l
@@ -244,12 +247,14 @@ class Editor:
         return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, cfg.margin).all())
 
     def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
-                      replay: Sequence[str] = (), anchors: Sequence[str] = (), fresh: bool = False) -> Preservation | None:
+                      replay: Sequence[str] = (), anchors: Sequence[str] = (), fresh: bool = False,
+                      guards: Sequence[Sequence[int]] = ()) -> Preservation | None:
         """Prompts whose next-token answers must not move, and those answers, fixed per phase.
 
         Subject-swapped and replayed prompts keep their answers with only `below` active (the swaps
-        the unedited model's with `preserve_reference: base`); anchors keep the unedited model's. `fresh`: the trained adapter is still a no-op, so the edit's first pass
-        gives the subject-swapped and replayed prompts' answers; they are not computed here.
+        the unedited model's with `preserve_reference: base`); anchors and guards (token ids, see
+        guards.py) keep the unedited model's. `fresh`: the trained adapter is still a no-op, so the
+        edit's first pass gives the subject-swapped and replayed prompts' answers; they are not computed here.
         """
         if cfg.preserve_weight <= 0:
             return None
@@ -260,22 +265,36 @@ class Editor:
         if cfg.preserve_reference == "base" and below:  # held where the unedited model has them, like anchors
             swaps, anchors = [], swaps + anchors
         prompts = swaps + [p for p in replay if " ".join(p.split()).lower() not in edited]
-        if not prompts and not anchors:
+        if not prompts and not anchors and not guards:
             return None
-        encoded = self.tokenizer([p.rstrip() for p in prompts + anchors], return_tensors="pt",
-                                 padding=True).to(self.device)
+        rows = [self.tokenizer(p.rstrip()).input_ids for p in prompts + anchors] + [list(g) for g in guards]
+        input_ids, attention_mask = obj.left_pad(rows, self.tokenizer.pad_token_id, self.device)
         own = len(prompts)
-        preserve = Preservation(encoded.input_ids, encoded.attention_mask, own)
+        preserve = Preservation(input_ids, attention_mask, own)
         with torch.no_grad():
             if own and not fresh:
                 with adapters.only_adapters(self.model, below):
                     preserve.own_reference = obj.next_token_log_probs(self.model, preserve.input_ids[:own],
                                                                       preserve.attention_mask[:own])
-            if anchors:
+            if anchors or guards:
                 with adapters.only_adapters(self.model, []):
                     preserve.anchor_reference = obj.next_token_log_probs(self.model, preserve.input_ids[own:],
                                                                          preserve.attention_mask[own:])
         return preserve
+
+    def _guards(self, batch: obj.TargetBatch, cfg: EditConfig, requests: int, progress: bool) -> list[list[int]]:
+        """`guards` prompts per request (token ids) where the tokens this batch moves are at stake: the
+        model's current answers at the target positions (pushed down) and the targets (pulled up)."""
+        if cfg.guards <= 0 or cfg.preserve_weight <= 0:
+            return []
+        if cfg.null_space_samples not in self._guard_pools:  # the null space's generic text
+            texts = generic_texts() + sampled_texts(self.model, self.tokenizer, cfg.null_space_samples, progress=progress)
+            self._guard_pools[cfg.null_space_samples] = guard_pool(self.model, self.tokenizer, texts, progress)
+        with torch.no_grad():
+            current = obj.target_log_probs(self.model, batch).argmax(-1)
+        moved = batch.target_mask & (current != batch.labels)
+        return self._guard_pools[cfg.null_space_samples].pick(current[moved].tolist(), batch.labels[batch.target_mask].tolist(),
+                                     cfg.guards * requests)
 
     def _confinement(self, name: str, cfg: EditConfig, progress: bool, protect: dict[str, Sequence[str]],
                      requests: Sequence[EditRequest]) -> Confinement | None:

@@ -72,22 +72,28 @@ def tokenize_pair(tokenizer, prompt: str, target: str, max_target_tokens: int = 
     return prompt_ids, target_ids
 
 
-def collate(prompts: list[list[int]], targets: list[list[int]], pad_id: int, device: torch.device | str) -> TargetBatch:
-    """Left-pad `prompt + target` rows; labels are the last K columns, K = longest target."""
-    rows = [p + t for p, t in zip(prompts, targets)]
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows, left-padded to one width: input_ids and attention_mask [len(rows), width]."""
     width = max(len(r) for r in rows)
-    k = max(len(t) for t in targets)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), k), dtype=torch.bool)
-    for i, (row, target) in enumerate(zip(rows, targets)):
-        input_ids[i, width - len(row):] = torch.tensor(row)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def collate(prompts: list[list[int]], targets: list[list[int]], pad_id: int, device: torch.device | str) -> TargetBatch:
+    """Left-pad `prompt + target` rows; labels are the last K columns, K = longest target."""
+    input_ids, attention_mask = left_pad([p + t for p, t in zip(prompts, targets)], pad_id, device)
+    k = max(len(t) for t in targets)
+    target_mask = torch.zeros((len(prompts), k), dtype=torch.bool)
+    for i, target in enumerate(targets):
         target_mask[i, k - len(target):] = True
     return TargetBatch(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        labels=input_ids[:, width - k:].to(device),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=input_ids[:, -k:],
         target_mask=target_mask.to(device),
         prompt_lengths=[len(p) for p in prompts],
         pad_id=pad_id,

@@ -60,6 +60,18 @@ def test_first_step_loss_is_exactly_log2(tiny_model, tokenizer):
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_the_nll_term_adds_the_targets_negative_log_likelihood_to_the_first_step(tiny_model, tokenizer):
+    """`nll_weight`: KDPO's loss (log 2 at the first step) plus that many times the mean NLL of the
+    target tokens under the unedited model, which the new adapter does not yet change."""
+    batch, _ = _batch(tokenizer, [PAIRS[1]])
+    with torch.no_grad():
+        expected_nll = float(obj.nll(obj.target_log_probs(tiny_model, batch), batch.labels, batch.target_mask)[0])
+    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=1, steps_per_cycle=1, nll_weight=0.5))
+    result = editor.edit([EditRequest(*PAIRS[1])], progress=False)
+    assert expected_nll > 1.0
+    assert result.losses[0] == pytest.approx(math.log(2) + 0.5 * expected_nll, abs=1e-5)
+
+
 def test_masked_positions_contribute_nothing(tokenizer):
     """Changing log-probs where the mask is off (padding, or negative == positive) changes neither loss nor gradient."""
     batch, _ = _batch(tokenizer, PAIRS)
