@@ -293,8 +293,8 @@ class Editor:
         with torch.no_grad():
             current = obj.target_log_probs(self.model, batch).argmax(-1)
         moved = batch.target_mask & (current != batch.labels)
-        return self._guard_pools[cfg.null_space_samples].pick(current[moved].tolist(), batch.labels[batch.target_mask].tolist(),
-                                     cfg.guards * requests)
+        pool = self._guard_pools[cfg.null_space_samples]
+        return pool.pick(current[moved].tolist(), batch.labels[batch.target_mask].tolist(), cfg.guards * requests)
 
     def _confinement(self, name: str, cfg: EditConfig, progress: bool, protect: dict[str, Sequence[str]],
                      requests: Sequence[EditRequest]) -> Confinement | None:

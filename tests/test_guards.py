@@ -24,7 +24,8 @@ TEXTS = [
 
 
 def _pool(rows: list[list[tuple[int, float, int, float]]]) -> GuardPool:
-    """A pool of one window per row; each position (token, top-1 id, its log-prob, runner-up id, its log-prob)."""
+    """A pool of one window per row, token 100 + i at position i, each position given as (top-1 id,
+    its log-prob, runner-up id, its log-prob)."""
     windows = torch.full((len(rows), WINDOW), -1, dtype=torch.long)
     top_ids = torch.zeros((len(rows), WINDOW, TOP), dtype=torch.long)
     top_log_probs = torch.full((len(rows), WINDOW, TOP), -30.0)
