@@ -287,13 +287,13 @@ class Editor:
         model's current answers at the target positions (pushed down) and the targets (pulled up)."""
         if cfg.guards <= 0 or cfg.preserve_weight <= 0:
             return []
-        if cfg.null_space_samples not in self._guard_pools:  # the null space's generic text
+        pool = self._guard_pools.get(cfg.null_space_samples)
+        if pool is None:  # scored on the null space's generic text
             texts = generic_texts() + sampled_texts(self.model, self.tokenizer, cfg.null_space_samples, progress=progress)
-            self._guard_pools[cfg.null_space_samples] = guard_pool(self.model, self.tokenizer, texts, progress)
+            pool = self._guard_pools[cfg.null_space_samples] = guard_pool(self.model, self.tokenizer, texts, progress)
         with torch.no_grad():
             current = obj.target_log_probs(self.model, batch).argmax(-1)
         moved = batch.target_mask & (current != batch.labels)
-        pool = self._guard_pools[cfg.null_space_samples]
         return pool.pick(current[moved].tolist(), batch.labels[batch.target_mask].tolist(), cfg.guards * requests)
 
     def _confinement(self, name: str, cfg: EditConfig, progress: bool, protect: dict[str, Sequence[str]],
