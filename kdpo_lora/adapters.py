@@ -130,6 +130,12 @@ def delete_adapter(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return model
 
 
+def lora_b_weights(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """Adapter `name`'s LoRA B matrices: scaling them all by s scales the adapter's update by s."""
+    return [m.lora_B[name].weight for m in model.modules()
+            if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict) and name in m.lora_B]
+
+
 def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
     """The LoRA weights of adapter `name`. Edits never resize the vocabulary, so peft is told not to
     save embedding layers; its default ("auto") asks the Hub about the base model on every call."""

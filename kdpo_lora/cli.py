@@ -177,7 +177,8 @@ def cmd_edit(args) -> None:
         state = "already held" if r.skipped else ("ok" if r.success else "NOT reached")
         print(f"{state:>12}  {r.prompt!r} -> {r.target_new!r}  (token accuracy {r.pre_accuracy:.2f} -> {r.accuracy:.2f})")
     print(f"stored batch {result.adapter} in {ke.store_path} (profile {args.profile}): "
-          f"{result.success_rate:.0%} reached, {result.cycles} cycles, {result.steps} steps, {result.seconds:.1f}s")
+          f"{result.success_rate:.0%} reached, {result.cycles} cycles, {result.steps} steps, {result.seconds:.1f}s"
+          + (f", update trimmed to {result.scale:.3g}x" if result.scale < 1 else ""))
 
 
 def cmd_generate(args) -> None:

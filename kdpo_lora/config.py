@@ -31,6 +31,7 @@ class EditConfig:
     steps_per_cycle: int = 8
     loss_threshold: float = 0.01
     margin: float = 0.0
+    trim_margin: float = 0.0  # > 0: the trained batch is scaled down to where its targets still lead by this (nats)
     nll_weight: float = 0.0
     preserve_weight: float = 0.0
     preserve_prompts: int = 4
@@ -73,7 +74,7 @@ class EditConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if may_be_zero else 1):
                 raise ConfigError(f"{name}: must be a {'non-negative' if may_be_zero else 'positive'} integer, "
                                   f"got {value!r}")
-        for name in ("loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha", "null_space_max_gb"):
+        for name in ("loss_threshold", "margin", "trim_margin", "nll_weight", "preserve_weight", "lora_alpha", "null_space_max_gb"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
@@ -119,7 +120,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("target_modules", "layers"):
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
-    for key in ("learning_rate", "beta", "loss_threshold", "margin", "nll_weight", "preserve_weight", "lora_alpha",
+    for key in ("learning_rate", "beta", "loss_threshold", "margin", "trim_margin", "nll_weight", "preserve_weight", "lora_alpha",
                 "skip_lower_layers", "null_space", "null_space_max_gb", "null_space_lr_scale", "null_space_protect_edits",
                 "null_space_protect_swaps"):
         if isinstance(out.get(key), str):  # YAML reads "1e-4" as a string

@@ -111,7 +111,7 @@ class KnowledgeEditor:
             "requests": [r.to_dict() for r in requests],
             "config": result.config.to_dict(),
             "results": [r.to_dict() for r in result.results],
-            "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds,
+            "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds, "scale": result.scale,
             "base_model": self.base_model_name, "quantization": self.loaded.quantization,
             "supersedes": sorted({b for batches in superseded.values() for b in batches}),
         }

@@ -235,6 +235,42 @@ def test_editing_with_a_margin_leaves_every_target_token_that_far_ahead(tiny_mod
     assert obj.solved_rows(lp, batch.labels, batch.target_mask, margin=1.0).all()
 
 
+def _leads_by(editor, tokenizer, pairs, margin: float) -> bool:
+    batch, _ = _batch(tokenizer, pairs)
+    with torch.no_grad():
+        lp = obj.target_log_probs(editor.model, batch)
+    return bool(obj.solved_rows(lp, batch.labels, batch.target_mask, margin=margin).all())
+
+
+def test_trimming_scales_the_trained_update_down_to_the_smallest_factor_that_keeps_the_margin(tiny_model, tokenizer):
+    """Trained to a 2-nat lead, trimmed to 1: the adapter is the untrimmed one times the reported factor,
+    its targets still lead by 1 nat, and 1/64 less would not."""
+    pairs = PAIRS[:2]
+    untrimmed = Editor(copy.deepcopy(tiny_model), tokenizer, EditConfig(learning_rate=5e-3, cycles=20, margin=2.0))
+    plain = untrimmed.edit([EditRequest(*p) for p in pairs], name="plain", progress=False)
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20, margin=2.0, trim_margin=1.0))
+    result = editor.edit([EditRequest(*p) for p in pairs], name="trimmed", progress=False)
+    assert plain.scale == 1.0 and 0 < result.scale < 1 and all(r.success for r in result.results)
+    for full, trimmed in zip(adapters.lora_b_weights(untrimmed.model, "plain"),
+                             adapters.lora_b_weights(editor.model, "trimmed")):
+        assert torch.allclose(trimmed, full * result.scale, atol=1e-6)
+    assert _leads_by(editor, tokenizer, pairs, 1.0)
+    with torch.no_grad():
+        for weight in adapters.lora_b_weights(editor.model, "trimmed"):
+            weight.mul_((result.scale - 1 / 64) / result.scale)
+    assert not _leads_by(editor, tokenizer, pairs, 1.0)
+
+
+def test_a_trimmed_batch_on_a_stack_keeps_its_margin_with_and_without_the_batches_below(tiny_model, tokenizer):
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20, margin=2.0, trim_margin=1.0))
+    editor.edit([EditRequest(*PAIRS[0])], name="first", progress=False)
+    result = editor.edit([EditRequest(*PAIRS[1])], name="second", progress=False)
+    assert result.scale < 1 and editor.stack == ["first", "second"]
+    assert _leads_by(editor, tokenizer, PAIRS[1:2], 1.0)
+    with adapters.only_adapters(editor.model, ["second"]):
+        assert _leads_by(editor, tokenizer, PAIRS[1:2], 1.0)
+
+
 def test_a_free_running_negative_that_is_the_target_takes_the_runner_ups_short_of_the_margin(tiny_model, tokenizer):
     editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20))
     editor.edit([EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])], progress=False)  # the model now gives both
