@@ -10,7 +10,8 @@ teacher-forced argmax; the batch stops when every row has. A fresh optimizer per
 With `independent` (the default), a batch trained on top of earlier ones is then checked with them
 switched off and, where it does not hold alone, topped up against the base model (and, if that
 disturbed it, on the stack once more): each stored batch works without the batches below it, so
-rolling one back leaves the others intact.
+rolling one back leaves the others intact. With `trim_margin`, the trained update is finally scaled
+down to the smallest factor at which the batch still holds by that margin.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ class Editor:
 
     def _trim(self, batch: obj.TargetBatch, margin: float, name: str, stacks: list[list[str]]) -> float:
         """Scale the trained batch `name` down to the smallest factor (to 1/64) at which every target token
-        still leads its runner-up by `margin` on each of `stacks` (the adapters below it it must hold on).
+        still leads its runner-up by `margin` with each of `stacks` (adapter lists) below it.
 
         Training stops a step past the point where the targets hold, and later on a stack the phases
         overshoot further; what the update adds beyond the margin moves unrelated text too, and over many
