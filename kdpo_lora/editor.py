@@ -255,7 +255,8 @@ class Editor:
 
         Training stops a step past the point where the targets hold, and later on a stack the phases
         overshoot further; what the update adds beyond the margin moves unrelated text too, and over many
-        stacked edits those small moves flip the near-tied answers locality counts (RESULTS.md 4o, 4q).
+        stacked edits those small moves flip the near-tied answers locality counts (RESULTS.md 4o). As
+        measured, only a margin below the training one buys locality, and it costs paraphrases (4q).
         Returns the factor; 1.0 (untouched) where the batch does not reach `margin` as trained.
         """
         weights = adapters.lora_b_weights(self.model, name)
