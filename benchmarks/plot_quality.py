@@ -28,13 +28,15 @@ def main() -> None:
     for i, path in enumerate(args.results):
         data = json.loads(Path(path).read_text())
         config = yaml.safe_load(Path(data["config"]).read_text()) if data.get("config") else {}
-        null_space = {**config, **data.get("settings", {})}.get("null_space", 0) > 0
+        settings = {**config, **data.get("settings", {})}
+        null_space = settings.get("null_space", 0) > 0
+        routed = settings.get("routing") == "subject"
         label = (f"{Path(path).stem} ({data['method']}, batch {data['batch']}, {Path(data['data']).stem}"
-                 f"{', null space' if null_space else ''})")
+                 f"{', null space' if null_space else ''}{', routed' if routed else ''})")
         xs = [point["edits"] for point in data["curve"]]
         for ax, (key, _) in zip(axes, PANELS):
             ax.plot(xs, [point.get(key, float("nan")) for point in data["curve"]], marker="o", label=label,
-                    color=colours[i % len(colours)], linestyle="-" if null_space else "--")
+                    color=colours[i % len(colours)], linestyle=":" if routed else "-" if null_space else "--")
     for ax, (_, title) in zip(axes, PANELS):
         ax.set_title(title)
         ax.set_xlabel("edits applied")

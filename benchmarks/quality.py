@@ -34,8 +34,8 @@ from kdpo_lora.store import DEFAULT_PROFILE  # noqa: E402
 CURVE_KEYS = ("edit_success", "rephrase_acc", "locality")
 
 
-def score(model, tokenizer, requests, pre, generation: bool) -> list[dict]:
-    return [evaluate_request(model, tokenizer, r, p, generation) for r, p in zip(requests, pre)]
+def score(model, tokenizer, requests, pre, generation: bool, route=None) -> list[dict]:
+    return [evaluate_request(model, tokenizer, r, p, generation, route) for r, p in zip(requests, pre)]
 
 
 def main() -> None:
@@ -66,6 +66,7 @@ def main() -> None:
     with (contextlib.nullcontext(args.store) if args.store else tempfile.TemporaryDirectory()) as store:
         ke = None if published else KnowledgeEditor(loaded, store, config=args.config, overrides=settings)
         model = lambda: loaded.model if published else ke.model  # noqa: E731
+        route = lambda: ke.route if ke is not None and ke.router is not None else None  # noqa: E731  (routing: subject)
         pre = pre_edit_locality(model(), tokenizer, requests)  # nothing is active before the first edit
         fluency_before = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
         progress = Progress(Path(store) / "quality_progress.json", header) if args.store else None
@@ -89,10 +90,10 @@ def main() -> None:
                     edited = False
             if edited:
                 seconds.append(time.perf_counter() - began)
-                right_after += score(model(), tokenizer, batch, pre[start:start + args.batch], generation=False)
+                right_after += score(model(), tokenizer, batch, pre[start:start + args.batch], False, route())
             done = start + len(batch)
             if done % every == 0 or done == len(requests):
-                rows = score(model(), tokenizer, requests[:done], pre[:done], generation=False)
+                rows = score(model(), tokenizer, requests[:done], pre[:done], False, route())
                 point = {"edits": done, **{k: v for k, v in summarise(rows).items() if k in CURVE_KEYS}}
                 curve.append(point)
                 print(f"[{args.method}] {point}", flush=True)
@@ -104,8 +105,8 @@ def main() -> None:
                 progress.save(ke, done=done, right_after=right_after, curve=curve, seconds=seconds, skipped=skipped)
         if ke and _stored_batches(ke):
             ke.use(DEFAULT_PROFILE)  # a resumed run that had nothing left to edit
-        final = summarise(score(model(), tokenizer, requests, pre, generation=not args.no_generation))
-        final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]])
+        final = summarise(score(model(), tokenizer, requests, pre, not args.no_generation, route()))
+        final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]], route=route())
         final["fluency_before"] = fluency_before
     summary = {"final": final, "right_after_each_edit": summarise(right_after), "curve": curve,
                "median_seconds_per_batch": statistics.median(seconds), "skipped_already_satisfied": skipped}

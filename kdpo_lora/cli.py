@@ -53,8 +53,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default="adapters", help="adapter store folder (default: ./adapters)")
 
 
+def _serving_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of edit settings (its `routing` also decides how edits are served)")
+    p.add_argument("--routing", choices=["none", "subject"],
+                   help="subject: each prompt is served by only the edit batches whose subjects it names")
+
+
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of edit settings")
+    _serving_args(p)
     p.add_argument("--method", choices=["kdpo", "dpo", "sft", "kdpo_free"])
     p.add_argument("--lr", type=float, dest="learning_rate")
     p.add_argument("--cycles", type=int)
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="greedy generation with a profile's edits, without, or both")
     _model_args(p)
+    _serving_args(p)
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--profile", default="default")
     group = p.add_mutually_exclusive_group()
@@ -96,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a request file against a profile")
     _model_args(p)
+    _serving_args(p)
     p.add_argument("--requests", required=True)
     p.add_argument("--profile", default="default")
     p.add_argument("--no-generation", action="store_true")
@@ -152,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _editor(args):
     from .session import KnowledgeEditor
 
-    settings = ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank", "null_space")
+    settings = ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank", "null_space", "routing")
     overrides = {k: getattr(args, k, None) for k in settings}
     return KnowledgeEditor(args.model, args.store, args.quantization, args.device, getattr(args, "config", None), overrides)
 
@@ -184,13 +192,15 @@ def cmd_edit(args) -> None:
 def cmd_generate(args) -> None:
     ke = _editor(args)
     edited = None if args.no_edits else ke.generate(args.prompt, args.profile, args.max_new_tokens)
+    routes = [ke.route(p) for p in args.prompt] if edited is not None and ke.router is not None else None
     base = ke.generate(args.prompt, None, args.max_new_tokens) if (args.no_edits or args.compare) else None
     for i, prompt in enumerate(args.prompt):
         print(prompt)
         if base is not None:
             print(f"  base  : {base[i]!r}")
         if edited is not None:
-            print(f"  edited: {edited[i]!r}")
+            routed = f" (batches: {', '.join(routes[i]) or 'none'})" if routes is not None else ""
+            print(f"  edited: {edited[i]!r}{routed}")
 
 
 def cmd_demo(args) -> None:

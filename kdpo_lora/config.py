@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .routing import ROUTINGS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METHODS = ("kdpo", "dpo", "sft", "kdpo_free")  # kdpo_free: KDPO without teacher forcing (ablation)
@@ -55,6 +56,7 @@ class EditConfig:
     null_space_protect_edits: float = 0.0  # > 0: also avoid the profile's earlier edits' inputs, keeping this share
     null_space_protect_swaps: float = 0.0  # > 0: also avoid the inputs of the edit's own subject swaps, keeping this share
     null_space_first_token: str = "with_rest"  # "apart": each text's first token (attention sink) weighs as much as the rest
+    routing: str = "none"  # "subject": each prompt runs with only the batches whose subjects it names (routing.py)
     seed: int = 0
     max_target_tokens: int = 64
 
@@ -80,6 +82,8 @@ class EditConfig:
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
         if self.preserve_reference not in ("below", "base"):
             raise ConfigError(f"preserve_reference: must be below or base, got {self.preserve_reference!r}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing: must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.null_space_first_token not in ("with_rest", "apart"):
             raise ConfigError(f"null_space_first_token: must be with_rest or apart, got {self.null_space_first_token!r}")
         for name in ("independent", "null_space_coordinates", "null_space_lr_matched"):

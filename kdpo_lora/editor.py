@@ -172,8 +172,11 @@ class Editor:
 
     def edit(self, requests: Sequence[EditRequest], name: str | None = None, config: EditConfig | None = None,
              progress: bool = True, replay: Sequence[str] = (), anchors: Sequence[str] = (),
-             protect: dict[str, Sequence[str]] | None = None) -> BatchResult:
+             protect: dict[str, Sequence[str]] | None = None, below: Sequence[str] | None = None) -> BatchResult:
         """Train one new adapter that writes every request; it joins the active stack when done.
+
+        `below`: the batches of the stack it is trained on top of (default: all; with subject
+        routing, those its prompts will be served with).
 
         `replay`: prompts of facts edited earlier, whose answers (as the earlier stack gives them) are
         preserved like the subject-swapped prompts while training on top of the stack. `anchors`:
@@ -194,7 +197,7 @@ class Editor:
 
         lora = adapters.lora_config(cfg, self.model.config.num_hidden_layers)
         self.model = adapters.add_adapter(self.model, name, lora)
-        earlier = list(self.stack)
+        earlier = list(self.stack if below is None else below)
         adapters.set_active(self.model, earlier + [name], trainable=name)
         layers = lora.layers_to_transform
         try:
@@ -231,12 +234,12 @@ class Editor:
                     post = obj.target_log_probs(self.model, batch)
         except BaseException:
             self.model = adapters.delete_adapter(self.model, name)
-            adapters.set_active(self.model, earlier)
+            adapters.set_active(self.model, self.stack)
             raise
         accuracy = obj.token_accuracy(post, batch.labels, batch.target_mask)
         success = obj.solved_rows(post, batch.labels, batch.target_mask)
-        adapters.freeze_all_but(self.model, None)
         self.stack.append(name)
+        adapters.set_active(self.model, self.stack)
         results = [
             RequestResult(r.prompt, r.target_new, float(pre_accuracy[i]), float(accuracy[i]), bool(success[i]),
                           skipped=not bool(todo[i]))

@@ -4,13 +4,17 @@ Metrics (see README for their provenance):
 - `rewrite_acc` (EasyEdit): teacher-forced token accuracy of target_new on the edit prompt;
   `edit_success` is the stricter "every target token is the argmax";
 - `rephrase_acc`: the same on paraphrases (generalisation);
-- `locality`: fraction of answer-position argmax tokens unchanged from the pre-edit model;
+- `locality`: fraction of answer-position argmax tokens unchanged from the pre-edit model (and
+  `locality_<type>` per probe type where a request has several, e.g. KnowEdit's);
 - `portability`: teacher-forced token accuracy of each portability probe's answer;
 - `gen_efficacy` / `gen_paraphrase`: the greedy generation starts with target_new (no teacher forcing);
 - CounterFact `efficacy_score` / `paraphrase_score` / `neighborhood_score`: P(new) > P(true), and
   for neighbours P(true) > P(new), compared as mean per-token log-probs;
 - `fluency`: weighted bi/tri-gram entropy (weights 2/3, 4/3, as ROME and EasyEdit) of top-k 5
   samples from the edit prompt (words split on whitespace and punctuation, where they use NLTK).
+
+Every scorer takes an optional `route` (a prompt -> the adapters it runs with; `routing.py`), so a
+subject-routed profile is measured the way it is served.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from statistics import harmonic_mean, mean
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from . import objectives as obj
 from .adapters import only_adapters
 from .requests import EditRequest
+from .routing import by_route
 
 BATCH = 16
+Route = Callable[[str], Sequence[str]]  # a prompt -> the adapters it runs with (routing.SubjectRouter.route)
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -36,9 +44,23 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-@torch.no_grad()
-def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[dict]:
+def _routed(model, route: Route | None, fn: Callable[..., list], prompts: Sequence[str], *columns: Sequence) -> list:
+    """`fn(prompts, *columns)` on each group of prompts sharing a route (the columns taken alike),
+    with exactly that route's adapters active; results in the prompts' order."""
+    def run(indices: list[int], names: tuple[str, ...] | None) -> list:
+        with nullcontext() if names is None else only_adapters(model, names):
+            return fn([prompts[i] for i in indices], *([column[i] for i in indices] for column in columns))
+    return by_route(prompts, route, run)
+
+
+def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                  route: Route | None = None) -> list[dict]:
     """Per pair: argmax tokens, target tokens, summed and mean log-prob of the target (teacher forced)."""
+    return _routed(model, route, partial(_score_targets, model, tokenizer), prompts, targets)
+
+
+@torch.no_grad()
+def _score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[dict]:
     device = next(model.parameters()).device
     rows = []
     pairs = [obj.tokenize_pair(tokenizer, p, t, max_target_tokens=512) for p, t in zip(prompts, targets)]
@@ -63,9 +85,14 @@ def token_accuracy(row: dict) -> float:
     return mean(a == t for a, t in zip(row["argmax"], row["target"]))
 
 
-@torch.no_grad()
-def generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[bool]:
+def generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                       route: Route | None = None) -> list[bool]:
     """Does the greedy continuation of each prompt start with its target (whitespace-normalised)?"""
+    return _routed(model, route, partial(_generation_matches, model, tokenizer), prompts, targets)
+
+
+@torch.no_grad()
+def _generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[bool]:
     device = next(model.parameters()).device
     out: list[bool] = []
     for chunk in _chunks(list(zip(prompts, targets)), BATCH):
@@ -105,10 +132,10 @@ class Probes:
         )
 
 
-def _score_pairs(model, tokenizer, pairs: list[tuple[str, str]]) -> list[dict]:
+def _score_pairs(model, tokenizer, pairs: list[tuple[str, str]], route: Route | None = None) -> list[dict]:
     if not pairs:
         return []
-    return score_targets(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs])
+    return score_targets(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], route)
 
 
 @torch.no_grad()
@@ -120,43 +147,50 @@ def pre_edit_locality(model, tokenizer, requests: Sequence[EditRequest]) -> list
 
 @torch.no_grad()
 def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[list[int]],
-                     generation: bool = True) -> dict[str, float]:
-    """All metrics of one request on the model as it is now (edits active)."""
+                     generation: bool = True, route: Route | None = None) -> dict[str, float]:
+    """All metrics of one request on the model as it is now (edits active; with `route`, each
+    prompt with the adapters it routes to)."""
     probes = Probes.of(request)
-    edit = _score_pairs(model, tokenizer, [probes.edit])[0]
+    score = lambda pairs: _score_pairs(model, tokenizer, pairs, route)  # noqa: E731
+    edit = score([probes.edit])[0]
     result: dict[str, float] = {
         "rewrite_acc": token_accuracy(edit),
         "edit_success": float(edit["argmax"] == edit["target"]),
     }
-    rephrase = _score_pairs(model, tokenizer, probes.rephrase)
+    rephrase = score(probes.rephrase)
     if rephrase:
         result["rephrase_acc"] = mean(token_accuracy(r) for r in rephrase)
-    locality = _score_pairs(model, tokenizer, probes.locality)
+    locality = score(probes.locality)
     if locality:
         result["locality"] = mean(
             mean(a == b for a, b in zip(row["argmax"], pre)) for row, pre in zip(locality, pre_locality)
         )
-    portability = _score_pairs(model, tokenizer, probes.portability)
+        kinds = sorted({p.type for p in request.locality if p.type})
+        for kind in kinds if len(kinds) > 1 else ():  # e.g. KnowEdit's Relation_Specificity / Forgetfulness
+            result[f"locality_{kind}"] = mean(
+                mean(a == b for a, b in zip(row["argmax"], pre))
+                for row, pre, p in zip(locality, pre_locality, request.locality) if p.type == kind)
+    portability = score(probes.portability)
     if portability:
         result["portability"] = mean(token_accuracy(r) for r in portability)
         for kind in sorted({p.type for p in request.portability if p.type}):
             rows = [token_accuracy(r) for r, p in zip(portability, request.portability) if p.type == kind]
             result[f"portability_{kind}"] = mean(rows)
     if probes.true_edit:  # CounterFact probability comparisons
-        true_edit = _score_pairs(model, tokenizer, [probes.true_edit])[0]
+        true_edit = score([probes.true_edit])[0]
         result["efficacy_score"] = float(edit["mean_logprob"] > true_edit["mean_logprob"])
         result["efficacy_magnitude"] = math.exp(edit["mean_logprob"]) - math.exp(true_edit["mean_logprob"])
         if rephrase:
-            true_rephrase = _score_pairs(model, tokenizer, probes.true_rephrase)
+            true_rephrase = score(probes.true_rephrase)
             result["paraphrase_score"] = mean(
                 float(n["mean_logprob"] > t["mean_logprob"]) for n, t in zip(rephrase, true_rephrase))
         if locality:
-            new_locality = _score_pairs(model, tokenizer, probes.new_locality)
+            new_locality = score(probes.new_locality)
             result["neighborhood_score"] = mean(
                 float(t["mean_logprob"] > n["mean_logprob"]) for t, n in zip(locality, new_locality))
     if generation:
         prompts = [probes.edit[0]] + [p for p, _ in probes.rephrase]
-        matches = generation_matches(model, tokenizer, prompts, [request.target_new] * len(prompts))
+        matches = generation_matches(model, tokenizer, prompts, [request.target_new] * len(prompts), route)
         result["gen_efficacy"] = float(matches[0])
         if len(matches) > 1:
             result["gen_paraphrase"] = mean(matches[1:])
@@ -175,17 +209,24 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return mean(entropies)
 
 
-@torch.no_grad()
-def fluency(model, tokenizer, prompts: Sequence[str], samples: int = 2, max_new_tokens: int = 60, seed: int = 0) -> float:
+def fluency(model, tokenizer, prompts: Sequence[str], samples: int = 2, max_new_tokens: int = 60, seed: int = 0,
+            route: Route | None = None) -> float:
     """Mean n-gram entropy of top-k 5 samples: low values mean repetitive, degenerate text."""
-    device = next(model.parameters()).device
     torch.manual_seed(seed)
+    texts = _routed(model, route, lambda group: _samples(model, tokenizer, group, samples, max_new_tokens), prompts)
+    return mean(ngram_entropy(t) for group in texts for t in group)
+
+
+@torch.no_grad()
+def _samples(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int) -> list[list[str]]:
+    """`samples` top-k 5 continuations of each prompt."""
+    device = next(model.parameters()).device
     encoded = tokenizer([p.rstrip() for p in prompts for _ in range(samples)], return_tensors="pt",
                         padding=True).to(device)
     out = model.generate(**encoded, do_sample=True, top_k=5, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
-    return mean(ngram_entropy(t) for t in texts)
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 
 def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -22,10 +22,11 @@ import torch
 from . import adapters, merged
 from .config import EditConfig, resolve_config
 from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
-from .errors import StoreError
+from .errors import RequestError, StoreError
 from .evaluate import evaluate_request, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
 from .requests import EditRequest
+from .routing import SubjectRouter, by_route, subject_key
 from .serving import compact_stack, export_for_serving, squash
 from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
 
@@ -44,6 +45,7 @@ class KnowledgeEditor:
         self.active_profile: str | None = None
         self.fold_stack = fold_stack
         self._materialised: tuple[str, ...] = ()  # the batches the adapters in memory add up to
+        self.router: SubjectRouter | None = None  # with `routing: subject`, for the active profile
 
     # ------------------------------------------------------------------ plumbing
 
@@ -59,6 +61,15 @@ class KnowledgeEditor:
         return AdapterStore(self.store_path, create=create)
 
     @property
+    def routed(self) -> bool:
+        """Each prompt is served by only the batches whose subjects it names (routing.py)."""
+        return self.config.routing == "subject"
+
+    def route(self, prompt: str) -> list[str]:
+        """The active profile's batches that serve `prompt` (all of them without routing)."""
+        return self.router.route(prompt) if self.router is not None else list(self.editor.stack)
+
+    @property
     def base_model_name(self) -> str:
         return EMBEDDED_HUB_IDS.get(self.loaded.source, self.loaded.source)
 
@@ -67,7 +78,8 @@ class KnowledgeEditor:
 
         With `fold_stack`, a profile of several batches is held as one exact concatenated adapter,
         merged into dense weights once that is cheaper (`serving.compact_stack`), so the cost of a
-        step or a generated token does not grow with the number of edits.
+        step or a generated token does not grow with the number of edits. With subject routing the
+        batches stay separate adapters, since each prompt needs its own subset of them.
         """
         names = [] if profile is None else self.store().profile(profile)
         in_memory = adapters.adapter_names(self.editor.model)
@@ -83,10 +95,15 @@ class KnowledgeEditor:
         self._fold_active()
         adapters.set_active(self.editor.model, self.editor.stack)
         self.active_profile = profile
+        self._build_router(names)
         return names
 
+    def _build_router(self, names: Sequence[str]) -> None:
+        store = self.store() if names and self.routed else None
+        self.router = SubjectRouter([(n, store.requests_of(n)) for n in names]) if store else None
+
     def _fold_active(self) -> None:
-        if self.fold_stack:
+        if self.fold_stack and not self.routed:
             self.editor.model, self.editor.stack = compact_stack(self.editor.model, self.editor.stack)
 
     # ------------------------------------------------------------------ editing
@@ -99,14 +116,16 @@ class KnowledgeEditor:
         store = self.store(create=True)
         if any(b.name == name for b in store.batches()):
             raise StoreError(f"a batch named {name!r} already exists in {store.root}")
-        self.use(profile if profile in store.profiles() else None)
+        batches = self.use(profile if profile in store.profiles() else None)
         superseded = store.superseded(requests, profile)
         warn_superseded(superseded)
         cfg = config or self.config
-        result = self.editor.edit(requests, name=name, config=config, progress=progress,
-                                  replay=self._replay_prompts(store, profile, cfg),
-                                  anchors=self._anchor_prompts(store, profile, cfg),
-                                  protect=self._protected_facts(store, profile, cfg))
+        below = self._routed_below(requests) if cfg.routing == "subject" else None
+        earlier = batches if below is None else below
+        result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
+                                  replay=self._replay_prompts(store, earlier, cfg),
+                                  anchors=self._anchor_prompts(store, earlier, cfg),
+                                  protect=self._protected_facts(store, earlier, cfg))
         record = {
             "requests": [r.to_dict() for r in requests],
             "config": result.config.to_dict(),
@@ -124,31 +143,46 @@ class KnowledgeEditor:
             raise
         self._materialised += (name,)
         self.active_profile = profile
+        self._build_router(self._materialised)
         return result
 
-    def _replay_prompts(self, store: AdapterStore, profile: str, config: EditConfig) -> list[str]:
-        """Prompts of the facts most recently edited in `profile` (up to `config.replay`)."""
-        if config.replay <= 0 or profile not in store.profiles():
+    def _routed_below(self, requests: Sequence[EditRequest]) -> list[str]:
+        """With subject routing: the batches the new requests' prompts will be served with.
+
+        Each request must name its subject in its prompt, or the batch it goes into would never serve it.
+        """
+        for r in requests:
+            if not (r.subject and r.subject.strip()):
+                raise RequestError(f"routing: subject needs each request's subject; {r.prompt!r} has none")
+            if not SubjectRouter([("new", [r])]).route(r.prompt):
+                raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
+                                   f"{r.subject!r} (matched as {subject_key(r.subject)!r}), so it would never "
+                                   "be served the edit")
+        return self.router.route_all([r.prompt for r in requests]) if self.router is not None else []
+
+    def _replay_prompts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> list[str]:
+        """Prompts of the facts most recently edited in `batches` (up to `config.replay`)."""
+        if config.replay <= 0:
             return []
         prompts: list[str] = []
-        for batch in reversed(store.profile(profile)):
+        for batch in reversed(batches):
             prompts += [r.prompt for r in store.requests_of(batch)]
             if len(prompts) >= config.replay:
                 break
         return prompts[: config.replay]
 
-    def _protected_facts(self, store: AdapterStore, profile: str, config: EditConfig) -> dict[str, list[str]]:
-        """Each of `profile`'s batches with its facts as text (prompt and answer), for the null space to avoid."""
-        if config.null_space <= 0 or config.null_space_protect_edits <= 0 or profile not in store.profiles():
+    def _protected_facts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> dict[str, list[str]]:
+        """Each of `batches` with its facts as text (prompt and answer), for the null space to avoid."""
+        if config.null_space <= 0 or config.null_space_protect_edits <= 0:
             return {}
         return {batch: [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in store.requests_of(batch)]
-                for batch in store.profile(profile)}
+                for batch in batches}
 
-    def _anchor_prompts(self, store: AdapterStore, profile: str, config: EditConfig) -> list[str]:
-        """Subject swaps of up to `config.anchors` facts drawn from all of `profile`'s batches."""
-        if config.anchors <= 0 or profile not in store.profiles():
+    def _anchor_prompts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> list[str]:
+        """Subject swaps of up to `config.anchors` facts drawn from all of `batches`."""
+        if config.anchors <= 0 or not batches:
             return []
-        earlier = [r for batch in store.profile(profile) for r in store.requests_of(batch)]
+        earlier = [r for batch in batches for r in store.requests_of(batch)]
         rng = random.Random(config.seed + len(earlier))
         chosen = rng.sample(earlier, min(config.anchors, len(earlier)))
         return preservation_prompts(chosen, 1, config.seed + len(earlier))
@@ -170,7 +204,13 @@ class KnowledgeEditor:
         if profile is not None and not self.store_path.joinpath("manifest.json").is_file():
             profile = None  # nothing stored yet: the base model is what serves
         self.use(profile)
-        return self.editor.generate(prompts, max_new_tokens, use_edits=profile is not None)
+        if self.router is None:
+            return self.editor.generate(prompts, max_new_tokens, use_edits=profile is not None)
+
+        def run(indices: list[int], names: tuple[str, ...]) -> list[str]:
+            with adapters.only_adapters(self.model, names):
+                return self.editor.generate([prompts[i] for i in indices], max_new_tokens)
+        return by_route(prompts, self.route, run)
 
     def evaluate(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE,
                  generation: bool = True) -> dict:
@@ -178,7 +218,9 @@ class KnowledgeEditor:
         self.use(None)
         pre = pre_edit_locality(self.model, self.loaded.tokenizer, requests)
         self.use(profile)
-        rows = [evaluate_request(self.model, self.loaded.tokenizer, r, p, generation) for r, p in zip(requests, pre)]
+        route = self.route if self.router is not None else None
+        rows = [evaluate_request(self.model, self.loaded.tokenizer, r, p, generation, route)
+                for r, p in zip(requests, pre)]
         return {"summary": summarise(rows), "rows": rows}
 
     # ------------------------------------------------------------------ serving

@@ -49,6 +49,26 @@ def test_edit_generate_and_store_verbs(capsys, tiny_model_dir, tmp_path):
     assert code == 0 and "rewrite_acc" in out
 
 
+def test_routed_edits_from_the_command_line(capsys, tiny_model_dir, tmp_path):
+    model = ["--model", tiny_model_dir, "--quantization", "none", "--store", tmp_path / "store", "--routing", "subject"]
+    code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of japan is", "--target", "rome",
+                         "--subject", "japan", "--name", "b1")
+    assert code == 0, err
+    code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of japan is",
+                       "--prompt", "the capital of france is", "--compare", "--max-new-tokens", "1")
+    assert code == 0 and "edited: 'rome' (batches: b1)" in out and "(batches: none)" in out
+    france = out.split("the capital of france is")[1]
+    assert france.split("base  : ")[1].split("\n")[0] == france.split("edited: ")[1].split(" (batches")[0]
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "the capital of japan is", "target_new": "rome", "subject": "japan",
+                                    "locality": [{"prompt": "the capital of france is", "answer": "paris"}]}) + "\n")
+    code, out, _ = run(capsys, "eval", *model, "--requests", requests, "--no-generation")
+    assert code == 0 and "edit_success: 1.0000" in out and "locality: 1.0000" in out
+    code, _, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital is", "--target", "oslo",
+                       "--subject", "japan")
+    assert code == 2 and "does not name its subject" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["edit", "--prompt", "x"], "give --prompt and --target"),
     (["edit", "--requests", "missing.jsonl"], "no such request file"),

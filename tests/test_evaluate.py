@@ -50,3 +50,21 @@ def test_ngram_entropy_and_fluency(tiny_model, tokenizer):
     # 13 distinct words: 12 distinct bigrams and 11 distinct trigrams, each uniform
     assert varied == pytest.approx((2 / 3 * math.log2(12) + 4 / 3 * math.log2(11)) / 2, rel=1e-9)
     assert fluency(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10) >= 0
+
+
+def test_locality_is_also_reported_per_probe_type_when_a_request_has_several(tiny_model, tokenizer):
+    request = EditRequest("the capital of japan is", "rome", subject="japan",
+                          locality=(Probe("the capital of france is", "paris", "Forgetfulness"),
+                                    Probe("the official language of japan is", "japanese", "Relation_Specificity"),
+                                    Probe("the river of japan is", "seine", "Relation_Specificity")))
+    pre = pre_edit_locality(tiny_model, tokenizer, [request])[0]
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-2, beta=1.0, preserve_weight=0.0))
+    editor.edit([request], progress=False)
+    row = evaluate_request(editor.model, tokenizer, request, pre, generation=False)
+    now = [r["argmax"] for r in score_targets(editor.model, tokenizer, [p.prompt for p in request.locality],
+                                               [p.answer for p in request.locality])]
+    kept = [sum(a == b for a, b in zip(n, p)) / len(p) for n, p in zip(now, pre)]
+    assert row["locality_Forgetfulness"] == kept[0]
+    assert row["locality_Relation_Specificity"] == pytest.approx((kept[1] + kept[2]) / 2)
+    assert row["locality"] == pytest.approx(sum(kept) / 3)
+    assert "locality_neighborhood" not in evaluate_request(editor.model, tokenizer, REQUEST, [[0], [0]], False)

@@ -1,0 +1,111 @@
+"""Subject routing: which batches serve a prompt, and that unrouted prompts get the base model exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdpo_lora.adapters import only_adapters
+from kdpo_lora.config import resolve_config
+from kdpo_lora.errors import ConfigError, RequestError
+from kdpo_lora.evaluate import score_targets
+from kdpo_lora.loading import load_model
+from kdpo_lora.requests import EditRequest
+from kdpo_lora.routing import SubjectRouter, by_route
+from kdpo_lora.session import KnowledgeEditor
+
+SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 10, "lora_rank": 8, "lora_alpha": 16,
+            "routing": "subject"}
+
+
+def _request(prompt: str, target: str, subject: str | None) -> EditRequest:
+    return EditRequest(prompt=prompt, target_new=target, subject=subject)
+
+
+def test_the_router_matches_whole_subjects_ignoring_case_spacing_and_a_leading_the():
+    router = SubjectRouter([
+        ("a", [_request("The Eiffel Tower is in", "Rome", "The Eiffel Tower")]),
+        ("b", [_request("Ben is in", "Oslo", "Ben")]),
+        ("c", [_request("Big Ben is in", "Oslo", "Big Ben"), _request("Paris is in", "Spain", "Paris")]),
+    ])
+    assert router.route("eiffel   TOWER, a landmark, is in") == ["a"]
+    assert router.route("Where is Big Ben?") == ["b", "c"]  # "Ben" is a whole word there too
+    assert router.route("Bentley and Benjamin went to") == []  # but not inside other words
+    assert router.route("Paris and the Eiffel Tower") == ["a", "c"]  # stack order, not match order
+    assert router.route_all(["Ben is", "Eiffel Tower"]) == ["a", "b"]
+
+
+def test_a_batch_with_a_request_without_a_subject_is_always_on():
+    router = SubjectRouter([("a", [_request("x is", "y", "Rome"), _request("z is", "w", None)]),
+                            ("b", [_request("Oslo is", "y", "Oslo")])])
+    assert router.route("nothing edited here") == ["a"]
+    assert router.route("Oslo is in") == ["a", "b"]
+
+
+def test_by_route_runs_each_group_once_with_its_adapters_and_keeps_the_order():
+    calls = []
+
+    def run(indices, names):
+        calls.append((tuple(indices), names))
+        return [f"{i}:{','.join(names)}" for i in indices]
+
+    route = {"p0": ["a"], "p1": [], "p2": ["a"]}.get
+    assert by_route(["p0", "p1", "p2"], route, run) == ["0:a", "1:", "2:a"]
+    assert sorted(calls) == [((0, 2), ("a",)), ((1,), ())]
+    assert by_route(["p0"], None, lambda idx, names: [names]) == [None]
+
+
+def test_routing_must_be_a_known_value():
+    with pytest.raises(ConfigError, match="routing"):
+        resolve_config(None, overrides={"routing": "everything"})
+
+
+@pytest.fixture()
+def routed(tiny_model_dir, tmp_path):
+    return KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store", overrides=SETTINGS)
+
+
+def _logits(ke: KnowledgeEditor, prompts: list[str], target: str, route=None) -> torch.Tensor:
+    rows = score_targets(ke.model, ke.loaded.tokenizer, prompts, [target] * len(prompts), route)
+    return torch.tensor([r["logprob"] for r in rows])
+
+
+def test_routed_edits_serve_only_prompts_naming_their_subject(routed):
+    eiffel = _request("the eiffel tower is located in the city of", "rome", "eiffel tower")
+    big_ben = _request("big ben is located in the city of", "tokyo", "big ben")
+    first = routed.edit([eiffel], progress=False).adapter
+    second = routed.edit([big_ben], progress=False).adapter
+    assert routed.route(eiffel.prompt) == [first] and routed.route(big_ben.prompt) == [second]
+    assert routed.generate([eiffel.prompt, big_ben.prompt], max_new_tokens=1) == ["rome", "tokyo"]
+
+    unrelated = ["the colosseum is located in the city of", "the seine is a river in"]
+    base = routed.generate(unrelated, profile=None, max_new_tokens=3)
+    assert routed.generate(unrelated, max_new_tokens=3) == base
+    with only_adapters(routed.model, ()):
+        expected = _logits(routed, unrelated, "paris")
+    assert torch.equal(_logits(routed, unrelated, "paris", routed.route), expected)  # exactly the base model
+    stacked = _logits(routed, unrelated, "paris")  # every batch active, unrouted: the edits do reach them
+    assert not torch.equal(stacked, expected)
+
+
+def test_a_routed_batch_trains_on_the_batches_its_prompts_route_to(routed):
+    first = routed.edit([_request("the eiffel tower is located in the city of", "rome", "eiffel tower")],
+                        progress=False).adapter
+    routed.edit([_request("big ben is located in the city of", "tokyo", "big ben")], progress=False)
+    same_subject = [_request("the eiffel tower was born in", "tokyo", "eiffel tower")]
+    assert routed._routed_below(same_subject) == [first]
+    third = routed.edit(same_subject, progress=False).adapter
+    assert routed.route("the eiffel tower was born in") == [first, third]
+    assert routed.generate(["the eiffel tower was born in", "the eiffel tower is located in the city of"],
+                           max_new_tokens=1) == ["tokyo", "rome"]
+
+
+def test_a_routed_request_must_name_its_subject_and_nothing_is_stored_when_it_does_not(routed):
+    routed.edit([_request("the eiffel tower is located in the city of", "rome", "eiffel tower")], progress=False)
+    before = routed.store().profile("default")
+    with pytest.raises(RequestError, match="does not name its subject"):
+        routed.edit([_request("it is located in the city of", "oslo", "big ben")], progress=False)
+    with pytest.raises(RequestError, match="needs each request's subject"):
+        routed.edit([_request("big ben is located in the city of", "oslo", None)], progress=False)
+    assert routed.store().profile("default") == before
+    assert routed.generate(["the eiffel tower is located in the city of"], max_new_tokens=1) == ["rome"]
