@@ -5,7 +5,8 @@ up on prompts no edit was about (RESULTS.md 4o-4q). With `routing: subject`, eac
 just the batches holding a request whose subject occurs in it (whole words, case and spacing
 ignored, a leading "the" optional); a prompt that names no edited subject gets the unedited model,
 exactly. A batch with a request that has no subject cannot be routed and is always on. A batch is
-trained on top of only the batches its own prompts route to, so it holds as it will be served.
+trained on top of only the batches it will be served with - those its prompts name a subject of,
+and those with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
 
 What it cannot do: a prompt that refers to an edited subject without naming it (a pronoun, an
 alias, a multi-hop question) does not see the edit. Serving the same way needs the router in front

@@ -120,10 +120,10 @@ class KnowledgeEditor:
         superseded = store.superseded(requests, profile)
         warn_superseded(superseded)
         cfg = config or self.config
-        below = self._routed_below(requests) if cfg.routing == "subject" else None
+        below, shared = self._routed_below(store, requests) if cfg.routing == "subject" else (None, [])
         earlier = batches if below is None else below
         result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
-                                  replay=self._replay_prompts(store, earlier, cfg),
+                                  replay=shared + self._replay_prompts(store, earlier, cfg),
                                   anchors=self._anchor_prompts(store, earlier, cfg),
                                   protect=self._protected_facts(store, earlier, cfg))
         record = {
@@ -146,10 +146,14 @@ class KnowledgeEditor:
         self._build_router(self._materialised)
         return result
 
-    def _routed_below(self, requests: Sequence[EditRequest]) -> list[str]:
-        """With subject routing: the batches the new requests' prompts will be served with.
+    def _routed_below(self, store: AdapterStore, requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
+        """With subject routing: the batches the new batch will be served with, and the earlier
+        prompts it will be served on.
 
-        Each request must name its subject in its prompt, or the batch it goes into would never serve it.
+        Those batches are the ones the new prompts name a subject of, and the ones with a prompt
+        that names a new subject ("1300 Oslo was formed in" once "Oslo" is edited); the latter
+        prompts are returned to be held at their current answers while the new batch trains. Each
+        request must name its subject in its prompt, or the batch it goes into would never serve it.
         """
         for r in requests:
             if not (r.subject and r.subject.strip()):
@@ -158,7 +162,12 @@ class KnowledgeEditor:
                 raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
                                    f"{r.subject!r} (matched as {subject_key(r.subject)!r}), so it would never "
                                    "be served the edit")
-        return self.router.route_all([r.prompt for r in requests]) if self.router is not None else []
+        if self.router is None:
+            return [], []
+        new = SubjectRouter([("new", requests)])
+        shared = {b: [r.prompt for r in store.requests_of(b) if new.route(r.prompt)] for b in self.router.order}
+        below = set(self.router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
+        return [b for b in self.router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
     def _replay_prompts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> list[str]:
         """Prompts of the facts most recently edited in `batches` (up to `config.replay`)."""
