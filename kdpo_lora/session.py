@@ -46,6 +46,7 @@ class KnowledgeEditor:
         self.fold_stack = fold_stack
         self._materialised: tuple[str, ...] = ()  # the batches the adapters in memory add up to
         self.router: SubjectRouter | None = None  # with `routing: subject`, for the active profile
+        self._requests_of: dict[str, list[EditRequest]] = {}  # stored batches' requests (batches never change)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -99,8 +100,12 @@ class KnowledgeEditor:
         return names
 
     def _build_router(self, names: Sequence[str]) -> None:
-        store = self.store() if names and self.routed else None
-        self.router = SubjectRouter([(n, store.requests_of(n)) for n in names]) if store else None
+        self.router = SubjectRouter([(n, self._requests(n)) for n in names]) if names and self.routed else None
+
+    def _requests(self, batch: str) -> list[EditRequest]:
+        if batch not in self._requests_of:
+            self._requests_of[batch] = self.store().requests_of(batch)
+        return self._requests_of[batch]
 
     def _fold_active(self) -> None:
         if self.fold_stack and not self.routed:
@@ -120,7 +125,7 @@ class KnowledgeEditor:
         superseded = store.superseded(requests, profile)
         warn_superseded(superseded)
         cfg = config or self.config
-        below, shared = self._routed_below(store, requests) if cfg.routing == "subject" else (None, [])
+        below, shared = self._routed_below(requests) if cfg.routing == "subject" else (None, [])
         earlier = batches if below is None else below
         result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
                                   replay=shared + self._replay_prompts(store, earlier, cfg),
@@ -146,7 +151,7 @@ class KnowledgeEditor:
         self._build_router(self._materialised)
         return result
 
-    def _routed_below(self, store: AdapterStore, requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
+    def _routed_below(self, requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
         """With subject routing: the batches the new batch will be served with, and the earlier
         prompts it will be served on.
 
@@ -165,7 +170,7 @@ class KnowledgeEditor:
         if self.router is None:
             return [], []
         new = SubjectRouter([("new", requests)])
-        shared = {b: [r.prompt for r in store.requests_of(b) if new.route(r.prompt)] for b in self.router.order}
+        shared = {b: [r.prompt for r in self._requests(b) if new.route(r.prompt)] for b in self.router.order}
         below = set(self.router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
         return [b for b in self.router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
