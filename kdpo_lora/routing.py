@@ -25,6 +25,10 @@ ROUTINGS = ("none", "subject")
 T = TypeVar("T")
 
 
+def has_subject(request: EditRequest) -> bool:
+    return bool(request.subject and request.subject.strip())
+
+
 def subject_key(subject: str) -> str:
     """How a subject is matched: case-folded, single-spaced, without a leading article "the"."""
     key = " ".join(subject.casefold().split())
@@ -39,8 +43,8 @@ class SubjectRouter:
         self.always: set[str] = set()
         self.patterns: list[tuple[str, re.Pattern]] = []
         for name, requests in batches:
-            keys = {subject_key(r.subject) for r in requests if r.subject and r.subject.strip()}
-            if not keys or any(not (r.subject and r.subject.strip()) for r in requests):
+            keys = {subject_key(r.subject) for r in requests if has_subject(r)}
+            if not keys or not all(has_subject(r) for r in requests):
                 self.always.add(name)
             if keys:
                 alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))

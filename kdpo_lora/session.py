@@ -26,7 +26,7 @@ from .errors import RequestError, StoreError
 from .evaluate import evaluate_request, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
 from .requests import EditRequest
-from .routing import SubjectRouter, by_route, subject_key
+from .routing import SubjectRouter, by_route, has_subject, subject_key
 from .serving import compact_stack, export_for_serving, squash
 from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
 
@@ -128,9 +128,9 @@ class KnowledgeEditor:
         below, shared = self._routed_below(requests) if cfg.routing == "subject" else (None, [])
         earlier = batches if below is None else below
         result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
-                                  replay=shared + self._replay_prompts(store, earlier, cfg),
-                                  anchors=self._anchor_prompts(store, earlier, cfg),
-                                  protect=self._protected_facts(store, earlier, cfg))
+                                  replay=shared + self._replay_prompts(earlier, cfg),
+                                  anchors=self._anchor_prompts(earlier, cfg),
+                                  protect=self._protected_facts(earlier, cfg))
         record = {
             "requests": [r.to_dict() for r in requests],
             "config": result.config.to_dict(),
@@ -161,7 +161,7 @@ class KnowledgeEditor:
         request must name its subject in its prompt, or the batch it goes into would never serve it.
         """
         for r in requests:
-            if not (r.subject and r.subject.strip()):
+            if not has_subject(r):
                 raise RequestError(f"routing: subject needs each request's subject; {r.prompt!r} has none")
             if not SubjectRouter([("new", [r])]).route(r.prompt):
                 raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
@@ -174,29 +174,29 @@ class KnowledgeEditor:
         below = set(self.router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
         return [b for b in self.router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
-    def _replay_prompts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> list[str]:
+    def _replay_prompts(self, batches: Sequence[str], config: EditConfig) -> list[str]:
         """Prompts of the facts most recently edited in `batches` (up to `config.replay`)."""
         if config.replay <= 0:
             return []
         prompts: list[str] = []
         for batch in reversed(batches):
-            prompts += [r.prompt for r in store.requests_of(batch)]
+            prompts += [r.prompt for r in self._requests(batch)]
             if len(prompts) >= config.replay:
                 break
         return prompts[: config.replay]
 
-    def _protected_facts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> dict[str, list[str]]:
+    def _protected_facts(self, batches: Sequence[str], config: EditConfig) -> dict[str, list[str]]:
         """Each of `batches` with its facts as text (prompt and answer), for the null space to avoid."""
         if config.null_space <= 0 or config.null_space_protect_edits <= 0:
             return {}
-        return {batch: [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in store.requests_of(batch)]
+        return {batch: [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in self._requests(batch)]
                 for batch in batches}
 
-    def _anchor_prompts(self, store: AdapterStore, batches: Sequence[str], config: EditConfig) -> list[str]:
+    def _anchor_prompts(self, batches: Sequence[str], config: EditConfig) -> list[str]:
         """Subject swaps of up to `config.anchors` facts drawn from all of `batches`."""
         if config.anchors <= 0 or not batches:
             return []
-        earlier = [r for batch in batches for r in store.requests_of(batch)]
+        earlier = [r for batch in batches for r in self._requests(batch)]
         rng = random.Random(config.seed + len(earlier))
         chosen = rng.sample(earlier, min(config.anchors, len(earlier)))
         return preservation_prompts(chosen, 1, config.seed + len(earlier))
