@@ -25,17 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import overrides, parser, write  # noqa: E402
 from kdpo_lora.errors import RequestError  # noqa: E402
-from kdpo_lora.evaluate import evaluate_request, fluency, pre_edit_locality, summarise  # noqa: E402
+from kdpo_lora.evaluate import evaluate_requests, fluency, pre_edit_locality, summarise  # noqa: E402
 from kdpo_lora.loading import load_model  # noqa: E402
 from kdpo_lora.requests import read_requests  # noqa: E402
 from kdpo_lora.session import KnowledgeEditor  # noqa: E402
 from kdpo_lora.store import DEFAULT_PROFILE  # noqa: E402
 
 CURVE_KEYS = ("edit_success", "rephrase_acc", "locality")
-
-
-def score(model, tokenizer, requests, pre, generation: bool, route=None) -> list[dict]:
-    return [evaluate_request(model, tokenizer, r, p, generation, route) for r, p in zip(requests, pre)]
 
 
 def main() -> None:
@@ -90,10 +86,11 @@ def main() -> None:
                     edited = False
             if edited:
                 seconds.append(time.perf_counter() - began)
-                right_after += score(model(), tokenizer, batch, pre[start:start + args.batch], False, route())
+                right_after += evaluate_requests(model(), tokenizer, batch, pre[start:start + len(batch)], False,
+                                                 route())
             done = start + len(batch)
             if done % every == 0 or done == len(requests):
-                rows = score(model(), tokenizer, requests[:done], pre[:done], False, route())
+                rows = evaluate_requests(model(), tokenizer, requests[:done], pre[:done], False, route())
                 point = {"edits": done, **{k: v for k, v in summarise(rows).items() if k in CURVE_KEYS}}
                 curve.append(point)
                 print(f"[{args.method}] {point}", flush=True)
@@ -105,7 +102,7 @@ def main() -> None:
                 progress.save(ke, done=done, right_after=right_after, curve=curve, seconds=seconds, skipped=skipped)
         if ke and _stored_batches(ke):
             ke.use(DEFAULT_PROFILE)  # a resumed run that had nothing left to edit
-        final = summarise(score(model(), tokenizer, requests, pre, not args.no_generation, route()))
+        final = summarise(evaluate_requests(model(), tokenizer, requests, pre, not args.no_generation, route()))
         final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]], route=route())
         final["fluency_before"] = fluency_before
     summary = {"final": final, "right_after_each_edit": summarise(right_after), "curve": curve,

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import parser, write  # noqa: E402
 from kdpo_lora import adapters  # noqa: E402
-from kdpo_lora.evaluate import evaluate_request, pre_edit_locality, summarise  # noqa: E402
+from kdpo_lora.evaluate import evaluate_requests, pre_edit_locality, summarise  # noqa: E402
 from kdpo_lora.loading import load_model  # noqa: E402
 from kdpo_lora.session import KnowledgeEditor  # noqa: E402
 from kdpo_lora.store import DEFAULT_PROFILE  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
         if k % args.every == 0 or k == len(names):
             done = [r for batch in batches[:k] for r in batch]
             with torch.no_grad(), adapters.only_adapters(ke.model, names[:k]):
-                rows = [evaluate_request(ke.model, tokenizer, r, pre[i], generation=False) for i, r in enumerate(done)]
+                rows = evaluate_requests(ke.model, tokenizer, done, pre[:len(done)], generation=False)
             curve.append({"edits": len(done), **summarise(rows)})
             print(f"{k}/{len(names)}: median scale {statistics.median(scales):.3f}, "
                   + ", ".join(f"{key} {curve[-1][key]:.3f}" for key in ("edit_success", "rephrase_acc", "locality")),

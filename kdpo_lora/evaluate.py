@@ -23,10 +23,10 @@ import math
 import re
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from statistics import harmonic_mean, mean
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -108,13 +108,14 @@ def _generation_matches(model, tokenizer, prompts: Sequence[str], targets: Seque
 
 @dataclass
 class Probes:
-    """Every prompt/answer pair one request is scored on, flattened for batching."""
+    """Every prompt/answer pair one request is scored on, by kind (the CounterFact `true_*` and
+    `new_locality` kinds only where the request has target_true)."""
 
-    edit: tuple[str, str]
+    edit: list[tuple[str, str]]
     rephrase: list[tuple[str, str]]
     locality: list[tuple[str, str]]
     portability: list[tuple[str, str]]
-    true_edit: tuple[str, str] | None
+    true_edit: list[tuple[str, str]]
     true_rephrase: list[tuple[str, str]]
     new_locality: list[tuple[str, str]]
 
@@ -122,14 +123,22 @@ class Probes:
     def of(cls, request: EditRequest) -> "Probes":
         true = request.target_true
         return cls(
-            edit=(request.prompt, request.target_new),
+            edit=[(request.prompt, request.target_new)],
             rephrase=[(p, request.target_new) for p in request.rephrase_prompts],
             locality=[(p.prompt, p.answer) for p in request.locality],
             portability=[(p.prompt, p.answer) for p in request.portability],
-            true_edit=(request.prompt, true) if true else None,
+            true_edit=[(request.prompt, true)] if true else [],
             true_rephrase=[(p, true) for p in request.rephrase_prompts] if true else [],
             new_locality=[(p.prompt, request.target_new) for p in request.locality] if true else [],
         )
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """All pairs, kind after kind (the order `split` expects)."""
+        return [pair for field in fields(self) for pair in getattr(self, field.name)]
+
+    def split(self, rows: Iterator[dict]) -> dict[str, list[dict]]:
+        """The scored rows of `pairs()`, taken from `rows`, back by kind."""
+        return {field.name: [next(rows) for _ in getattr(self, field.name)] for field in fields(self)}
 
 
 def _score_pairs(model, tokenizer, pairs: list[tuple[str, str]], route: Route | None = None) -> list[dict]:
@@ -141,26 +150,51 @@ def _score_pairs(model, tokenizer, pairs: list[tuple[str, str]], route: Route | 
 @torch.no_grad()
 def pre_edit_locality(model, tokenizer, requests: Sequence[EditRequest]) -> list[list[list[int]]]:
     """The unedited model's answer-position argmax tokens for every locality probe (computed once)."""
+    localities = [Probes.of(r).locality for r in requests]
     with only_adapters(model, ()):
-        return [[row["argmax"] for row in _score_pairs(model, tokenizer, Probes.of(r).locality)] for r in requests]
+        rows = iter(_score_pairs(model, tokenizer, [pair for pairs in localities for pair in pairs]))
+    return [[next(rows)["argmax"] for _ in pairs] for pairs in localities]
 
 
 @torch.no_grad()
+def evaluate_requests(model, tokenizer, requests: Sequence[EditRequest], pre_locality: Sequence[list[list[int]]],
+                      generation: bool = True, route: Route | None = None) -> list[dict[str, float]]:
+    """All metrics of each request on the model as it is now (edits active; with `route`, each
+    prompt with the adapters it routes to).
+
+    Every probe of every request is scored in one pass, so a routed profile switches each route's
+    adapters on once, not once per probe kind and request (with a hundred adapters loaded, peft's
+    switch costs more than the forward passes).
+    """
+    probes = [Probes.of(r) for r in requests]
+    rows = iter(_score_pairs(model, tokenizer, [pair for p in probes for pair in p.pairs()], route))
+    scored = [p.split(rows) for p in probes]
+    matches: Iterator[bool] = iter(())
+    if generation:
+        prompts = [pair[0] for p in probes for pair in p.edit + p.rephrase]
+        targets = [r.target_new for r, p in zip(requests, probes) for _ in p.edit + p.rephrase]
+        matches = iter(generation_matches(model, tokenizer, prompts, targets, route))
+    return [_metrics(r, s, pre, [next(matches) for _ in range(1 + len(r.rephrase_prompts))] if generation else [])
+            for r, s, pre in zip(requests, scored, pre_locality)]
+
+
 def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[list[int]],
                      generation: bool = True, route: Route | None = None) -> dict[str, float]:
-    """All metrics of one request on the model as it is now (edits active; with `route`, each
-    prompt with the adapters it routes to)."""
-    probes = Probes.of(request)
-    score = lambda pairs: _score_pairs(model, tokenizer, pairs, route)  # noqa: E731
-    edit = score([probes.edit])[0]
+    """`evaluate_requests` of one request."""
+    return evaluate_requests(model, tokenizer, [request], [pre_locality], generation, route)[0]
+
+
+def _metrics(request: EditRequest, scored: dict[str, list[dict]], pre_locality: list[list[int]],
+             matches: list[bool]) -> dict[str, float]:
+    """One request's metrics from its scored probes and generation matches (edit prompt first)."""
+    edit = scored["edit"][0]
     result: dict[str, float] = {
         "rewrite_acc": token_accuracy(edit),
         "edit_success": float(edit["argmax"] == edit["target"]),
     }
-    rephrase = score(probes.rephrase)
+    rephrase, locality, portability = scored["rephrase"], scored["locality"], scored["portability"]
     if rephrase:
         result["rephrase_acc"] = mean(token_accuracy(r) for r in rephrase)
-    locality = score(probes.locality)
     if locality:
         result["locality"] = mean(
             mean(a == b for a, b in zip(row["argmax"], pre)) for row, pre in zip(locality, pre_locality)
@@ -170,27 +204,22 @@ def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[
             result[f"locality_{kind}"] = mean(
                 mean(a == b for a, b in zip(row["argmax"], pre))
                 for row, pre, p in zip(locality, pre_locality, request.locality) if p.type == kind)
-    portability = score(probes.portability)
     if portability:
         result["portability"] = mean(token_accuracy(r) for r in portability)
         for kind in sorted({p.type for p in request.portability if p.type}):
             rows = [token_accuracy(r) for r, p in zip(portability, request.portability) if p.type == kind]
             result[f"portability_{kind}"] = mean(rows)
-    if probes.true_edit:  # CounterFact probability comparisons
-        true_edit = score([probes.true_edit])[0]
+    if scored["true_edit"]:  # CounterFact probability comparisons
+        true_edit = scored["true_edit"][0]
         result["efficacy_score"] = float(edit["mean_logprob"] > true_edit["mean_logprob"])
         result["efficacy_magnitude"] = math.exp(edit["mean_logprob"]) - math.exp(true_edit["mean_logprob"])
         if rephrase:
-            true_rephrase = score(probes.true_rephrase)
             result["paraphrase_score"] = mean(
-                float(n["mean_logprob"] > t["mean_logprob"]) for n, t in zip(rephrase, true_rephrase))
+                float(n["mean_logprob"] > t["mean_logprob"]) for n, t in zip(rephrase, scored["true_rephrase"]))
         if locality:
-            new_locality = score(probes.new_locality)
             result["neighborhood_score"] = mean(
-                float(t["mean_logprob"] > n["mean_logprob"]) for t, n in zip(locality, new_locality))
-    if generation:
-        prompts = [probes.edit[0]] + [p for p, _ in probes.rephrase]
-        matches = generation_matches(model, tokenizer, prompts, [request.target_new] * len(prompts), route)
+                float(t["mean_logprob"] > n["mean_logprob"]) for t, n in zip(locality, scored["new_locality"]))
+    if matches:
         result["gen_efficacy"] = float(matches[0])
         if len(matches) > 1:
             result["gen_paraphrase"] = mean(matches[1:])

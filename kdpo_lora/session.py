@@ -23,7 +23,7 @@ from . import adapters, merged
 from .config import EditConfig, resolve_config
 from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
 from .errors import RequestError, StoreError
-from .evaluate import evaluate_request, pre_edit_locality, summarise
+from .evaluate import evaluate_requests, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
 from .requests import EditRequest
 from .routing import SubjectRouter, by_route, has_subject, subject_key
@@ -233,8 +233,7 @@ class KnowledgeEditor:
         pre = pre_edit_locality(self.model, self.loaded.tokenizer, requests)
         self.use(profile)
         route = self.route if self.router is not None else None
-        rows = [evaluate_request(self.model, self.loaded.tokenizer, r, p, generation, route)
-                for r, p in zip(requests, pre)]
+        rows = evaluate_requests(self.model, self.loaded.tokenizer, requests, pre, generation, route)
         return {"summary": summarise(rows), "rows": rows}
 
     # ------------------------------------------------------------------ serving

@@ -9,7 +9,7 @@ import pytest
 from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
 from kdpo_lora.evaluate import (
-    evaluate_request, fluency, generation_matches, ngram_entropy, pre_edit_locality, score_targets, summarise,
+    evaluate_request, evaluate_requests, fluency, generation_matches, ngram_entropy, pre_edit_locality, score_targets, summarise,
 )
 from kdpo_lora.requests import EditRequest, Probe
 
@@ -68,3 +68,20 @@ def test_locality_is_also_reported_per_probe_type_when_a_request_has_several(tin
     assert row["locality_Relation_Specificity"] == pytest.approx((kept[1] + kept[2]) / 2)
     assert row["locality"] == pytest.approx(sum(kept) / 3)
     assert "locality_neighborhood" not in evaluate_request(editor.model, tokenizer, REQUEST, [[0], [0]], False)
+
+
+def test_requests_scored_together_get_the_metrics_each_gets_alone(tiny_model, tokenizer):
+    other = EditRequest("the official language of spain is", "french", subject="spain",
+                        rephrase_prompts=("in spain people speak", "the language of spain is"),
+                        locality=(Probe("the capital of italy is", "rome"),))
+    requests = [REQUEST, other, REQUEST]
+    pre = pre_edit_locality(tiny_model, tokenizer, requests)
+    assert pre == [pre_edit_locality(tiny_model, tokenizer, [r])[0] for r in requests]
+    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0))
+    editor.edit([REQUEST], progress=False)
+    together = evaluate_requests(editor.model, tokenizer, requests, pre)
+    alone = [evaluate_request(editor.model, tokenizer, r, p) for r, p in zip(requests, pre)]
+    assert [set(row) for row in together] == [set(row) for row in alone]
+    assert "efficacy_score" in together[0] and "efficacy_score" not in together[1]
+    for row, single in zip(together, alone):
+        assert row == pytest.approx(single, abs=1e-5)  # only padding differs between the two

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
 from kdpo_lora.adapters import only_adapters
 from kdpo_lora.config import resolve_config
 from kdpo_lora.errors import ConfigError, RequestError
+from kdpo_lora import evaluate
 from kdpo_lora.evaluate import score_targets
 from kdpo_lora.loading import load_model
-from kdpo_lora.requests import EditRequest
+from kdpo_lora.requests import EditRequest, Probe
 from kdpo_lora.routing import SubjectRouter, by_route
 from kdpo_lora.session import KnowledgeEditor
 
@@ -120,3 +123,19 @@ def test_a_routed_request_must_name_its_subject_and_nothing_is_stored_when_it_do
         routed.edit([_request("big ben is located in the city of", "oslo", None)], progress=False)
     assert routed.store().profile("default") == before
     assert routed.generate(["the eiffel tower is located in the city of"], max_new_tokens=1) == ["rome"]
+
+
+def test_a_routed_evaluation_switches_each_route_on_once(routed, monkeypatch):
+    eiffel = _request("the eiffel tower is located in the city of", "rome", "eiffel tower")
+    big_ben = _request("big ben is located in the city of", "tokyo", "big ben")
+    first = routed.edit([eiffel], progress=False).adapter
+    second = routed.edit([big_ben], progress=False).adapter
+    switched = []
+    only = evaluate.only_adapters
+    monkeypatch.setattr(evaluate, "only_adapters", lambda model, names: switched.append(tuple(names)) or only(model, names))
+    requests = [EditRequest(r.prompt, r.target_new, subject=r.subject, rephrase_prompts=(r.prompt.upper(),),
+                            locality=(Probe("the seine is a river in", "france"),)) for r in (eiffel, big_ben)]
+    rows = routed.evaluate(requests, generation=True)["rows"]
+    assert [row["edit_success"] for row in rows] == [1.0, 1.0] and [row["locality"] for row in rows] == [1.0, 1.0]
+    scored = [names for names in switched if names]  # () is the unedited model, for the locality probes
+    assert Counter(scored) == {(first,): 2, (second,): 2}  # once to score every probe, once to generate
