@@ -163,8 +163,8 @@ def evaluate_requests(model, tokenizer, requests: Sequence[EditRequest], pre_loc
     prompt with the adapters it routes to).
 
     Every probe of every request is scored in one pass, so a routed profile switches each route's
-    adapters on once, not once per probe kind and request (with a hundred adapters loaded, peft's
-    switch costs more than the forward passes).
+    adapters on once, not once per probe kind and request (peft's switch walks every adapter of
+    every layer: 0.17 s with 21 adapters loaded on SmolLM2, CPU).
     """
     probes = [Probes.of(r) for r in requests]
     rows = iter(_score_pairs(model, tokenizer, [pair for p in probes for pair in p.pairs()], route))
