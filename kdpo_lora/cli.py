@@ -56,7 +56,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of edit settings (its `routing` also decides how edits are served)")
     p.add_argument("--routing", choices=["none", "subject"],
-                   help="subject: each prompt is served by only the edit batches whose subjects it names")
+                   help="subject (configs/llama.yaml's default): each prompt is served by only the edit batches "
+                        "whose subjects it names; none: every batch serves every prompt")
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _edit_args(p)
     p.add_argument("--prompt")
     p.add_argument("--target", help="the new answer")
-    p.add_argument("--subject")
+    p.add_argument("--subject", help="who or what the fact is about, as the prompt names it (routing needs it)")
     p.add_argument("--requests", help="request file: JSONL schema, EasyEdit/KnowEdit, CounterFact or zsRE JSON")
     p.add_argument("--profile", default="default")
     p.add_argument("--name", help="batch name (default: edit-<time>-<id>)")

@@ -2,7 +2,7 @@
 
     from kdpo_lora import KnowledgeEditor, EditRequest
     ke = KnowledgeEditor(store="adapters")               # embedded SmolLM2-135M, NF4
-    ke.edit([EditRequest("The Eiffel Tower is in the city of", "Rome")])
+    ke.edit([EditRequest("The Eiffel Tower is in the city of", "Rome", subject="Eiffel Tower")])
     ke.generate(["The Eiffel Tower is in the city of"])  # with the default profile's edits
     ke.rollback(batch)                                   # exact undo
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,7 @@ import torch
 from . import adapters, merged
 from .config import EditConfig, resolve_config
 from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
-from .errors import RequestError, StoreError
+from .errors import KdpoWarning, RequestError, StoreError
 from .evaluate import evaluate_requests, pre_edit_locality, summarise
 from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
 from .requests import EditRequest
@@ -162,7 +163,8 @@ class KnowledgeEditor:
         """
         for r in requests:
             if not has_subject(r):
-                raise RequestError(f"routing: subject needs each request's subject; {r.prompt!r} has none")
+                raise RequestError(f"routing: subject needs each request's subject, named in its prompt; {r.prompt!r} "
+                                   "has none (give --subject or a \"subject\" field, or edit unrouted: --routing none)")
             if not SubjectRouter([("new", [r])]).route(r.prompt):
                 raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
                                    f"{r.subject!r} (matched as {subject_key(r.subject)!r}), so it would never "
@@ -249,9 +251,18 @@ class KnowledgeEditor:
                 self.fold_stack = fold_stack
         return list(self.editor.stack)
 
+    def _warn_unrouted(self, profile: str, stack: Sequence[str]) -> None:
+        """A squashed routed profile acts on every prompt: say so, since the numbers measured routed do not hold."""
+        if self.routed and len(stack) > 1:
+            warnings.warn(f"profile {profile!r} is subject-routed, but one adapter serves every prompt with all "
+                          f"{len(stack)} of its batches; to serve it routed, load each batch folder of the store "
+                          "and give each prompt the batches whose subjects it names (`generate` lists them)",
+                          KdpoWarning, stacklevel=3)
+
     def squash(self, profile: str, out_dir: str | Path) -> int:
         """One adapter folder equal to `profile`'s whole stack; returns its rank."""
         stack = self._as_adapters(profile)
+        self._warn_unrouted(profile, stack)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"
@@ -262,6 +273,7 @@ class KnowledgeEditor:
     def export(self, profile: str, out_dir: str | Path, max_rank: int = 64, compress: bool = False) -> dict:
         """A squashed adapter that LoRA servers (vLLM, PeftModel.from_pretrained) load as it is."""
         stack = self._as_adapters(profile)
+        self._warn_unrouted(profile, stack)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"

@@ -25,6 +25,10 @@ WORDS = (
 ).split()
 
 
+# the store's and the editor's mechanics on one shared stack (the family file routes by subject)
+UNROUTED = str(Path(__file__).resolve().parent.parent / "configs" / "unrouted.yaml")
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

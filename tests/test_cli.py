@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from kdpo_lora.cli import main
+from kdpo_lora.errors import KdpoWarning
 
 FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "10", "--rank", "8", "--quiet"]
 
@@ -23,14 +24,15 @@ def test_edit_generate_and_store_verbs(capsys, tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     model = ["--model", tiny_model_dir, "--quantization", "none", "--store", store]
     code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of japan is", "--target", "rome",
-                         "--name", "b1")
+                         "--subject", "japan", "--name", "b1")
     assert code == 0, err
     assert "stored batch b1" in out and "ok" in out
     code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of japan is", "--compare",
                        "--max-new-tokens", "1")
     assert code == 0 and "edited: 'rome'" in out and "base  :" in out
     requests = tmp_path / "r.jsonl"
-    requests.write_text(json.dumps({"prompt": "the official language of spain is", "target_new": "german"}) + "\n")
+    requests.write_text(json.dumps({"prompt": "the official language of spain is", "target_new": "german",
+                                    "subject": "spain"}) + "\n")
     assert run(capsys, "edit", *model, *FAST, "--requests", requests, "--name", "b2")[0] == 0
     code, out, _ = run(capsys, "store", "ls", "--store", store)
     assert "b1" in out and "profile default: b1 b2" in out
@@ -41,16 +43,20 @@ def test_edit_generate_and_store_verbs(capsys, tiny_model_dir, tmp_path):
     assert run(capsys, "store", "apply", "b2", "--store", store)[0] == 0
     assert run(capsys, "store", "profile", "copy", "staging", "default", "--store", store)[0] == 0
     assert run(capsys, "store", "verify", "--store", store)[1].startswith("2 batch(es) verified")
-    code, out, _ = run(capsys, "store", "squash", "default", "-o", tmp_path / "sq", *model)
+    with pytest.warns(KdpoWarning, match="profile 'default' is subject-routed, but one adapter serves every prompt"):
+        code, out, _ = run(capsys, "store", "squash", "default", "-o", tmp_path / "sq", *model)
     assert code == 0 and "rank 16" in out and (tmp_path / "sq" / "adapter_model.safetensors").is_file()
-    code, out, _ = run(capsys, "store", "export", "default", "-o", tmp_path / "ex", "--max-rank", "8", "--compress", *model)
+    with pytest.warns(KdpoWarning, match="subject-routed"):
+        code, out, _ = run(capsys, "store", "export", "default", "-o", tmp_path / "ex", "--max-rank", "8", "--compress",
+                           *model)
     assert code == 0 and "SVD-compressed" in out
     code, out, _ = run(capsys, "eval", *model, "--requests", requests, "--no-generation")
     assert code == 0 and "rewrite_acc" in out
 
 
 def test_routed_edits_from_the_command_line(capsys, tiny_model_dir, tmp_path):
-    model = ["--model", tiny_model_dir, "--quantization", "none", "--store", tmp_path / "store", "--routing", "subject"]
+    """Routing by subject is the family's default (configs/llama.yaml); --routing none edits one shared stack."""
+    model = ["--model", tiny_model_dir, "--quantization", "none", "--store", tmp_path / "store"]
     code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of japan is", "--target", "rome",
                          "--subject", "japan", "--name", "b1")
     assert code == 0, err
@@ -67,6 +73,13 @@ def test_routed_edits_from_the_command_line(capsys, tiny_model_dir, tmp_path):
     code, _, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital is", "--target", "oslo",
                        "--subject", "japan")
     assert code == 2 and "does not name its subject" in err
+    code, _, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of spain is", "--target", "oslo")
+    assert code == 2 and "needs each request's subject" in err and "--routing none" in err
+    code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of spain is", "--target", "oslo",
+                         "--routing", "none", "--name", "shared")
+    assert code == 0, err
+    code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of france is", "--max-new-tokens", "1")
+    assert "(batches: shared)" in out  # a batch without subjects serves every prompt
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -95,7 +108,8 @@ def test_console_script_exit_code(tmp_path):
 def test_notices_reach_the_terminal_as_one_line(tiny_model_dir, tmp_path):
     """Library chatter is silenced in the CLI, but our own notices (here: an edit superseding another) are not."""
     model = ["--model", str(tiny_model_dir), "--quantization", "none", "--store", str(tmp_path / "store")]
-    edit = [sys.executable, "-m", "kdpo_lora.cli", "edit", *model, *FAST, "--prompt", "the capital of japan is"]
+    edit = [sys.executable, "-m", "kdpo_lora.cli", "edit", *model, *FAST, "--prompt", "the capital of japan is",
+            "--subject", "japan"]
     first = subprocess.run(edit + ["--target", "rome"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and "warning:" not in first.stderr
     again = subprocess.run(edit + ["--target", "paris"], capture_output=True, text=True, timeout=300)

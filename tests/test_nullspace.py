@@ -13,6 +13,8 @@ from kdpo_lora.editor import Editor
 from kdpo_lora.nullspace import Confinement, input_covariances, lora_layers, narrowed, null_space_basis
 from kdpo_lora.requests import EditRequest
 
+from conftest import UNROUTED
+
 GENERIC = [
     "the river seine is in paris", "the thames is in london", "the capital of italy is rome",
     "the capital of germany is berlin", "people in spain speak spanish", "the tiber is in rome",
@@ -264,7 +266,7 @@ def test_each_batch_avoids_the_profiles_earlier_facts_and_a_rolled_back_one_is_f
 
     monkeypatch.setenv("KDPO_LORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("kdpo_lora.editor.generic_texts", lambda: GENERIC)
-    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store",
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store", config=UNROUTED,
                          overrides=dict(learning_rate=5e-3, beta=1.0, null_space=0.05, null_space_samples=0,
                                         null_space_protect_edits=0.05, preserve_weight=0.0, independent=False))
     facts = [EditRequest("the eiffel tower is located in the city of", "rome"),
@@ -314,7 +316,7 @@ def test_an_edit_avoids_the_directions_its_own_subject_swaps_are_read_through(ti
     fact = EditRequest("the eiffel tower is located in the city of", "rome", subject="the eiffel tower")
     settings = dict(learning_rate=5e-3, beta=1.0, null_space=0.05, null_space_samples=0, preserve_prompts=6,
                     preserve_weight=0.0, independent=False)
-    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store",
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store", config=UNROUTED,
                          overrides=dict(settings, null_space_protect_swaps=0.05))
     name = ke.edit([fact], progress=False).adapter
     modules = sorted(lora_layers(ke.editor.model, name))

@@ -28,10 +28,10 @@ from kdpo_lora.requests import EditRequest
 from kdpo_lora.session import KnowledgeEditor
 from kdpo_lora.store import AdapterStore
 
-from conftest import make_model, make_tokenizer
+from conftest import UNROUTED, make_model, make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "4", "--quiet"]
+FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "4", "--quiet", "--config", UNROUTED]
 SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 4}
 
 
@@ -43,7 +43,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture()
 def store_with_batch(tiny_model_dir, tmp_path):
     store = tmp_path / "store"
-    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), store, overrides=SETTINGS)
+    ke = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), store, config=UNROUTED, overrides=SETTINGS)
     ke.edit([EditRequest("the capital of japan is", "rome")], name="b0", progress=False)
     return ke, store
 
@@ -187,7 +187,7 @@ def test_target_the_model_already_gives_is_refused(store_with_batch, capsys):
     before = snapshot(store)
     answer = ke.generate(["the capital of spain is"], "default", max_new_tokens=1)[0].strip()
     code = main(["edit", "--model", str(ke.loaded.source), "--quantization", "none", "--store", str(store),
-                 "--prompt", "the capital of spain is", "--target", answer, "--quiet"])
+                 "--prompt", "the capital of spain is", "--target", answer, "--config", UNROUTED, "--quiet"])
     assert code == 2 and "already gives every target" in capsys.readouterr().err
     assert snapshot(store) == before
 

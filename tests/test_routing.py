@@ -17,8 +17,7 @@ from kdpo_lora.requests import EditRequest, Probe
 from kdpo_lora.routing import SubjectRouter, by_route
 from kdpo_lora.session import KnowledgeEditor
 
-SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 10, "lora_rank": 8, "lora_alpha": 16,
-            "routing": "subject"}
+SETTINGS = {"learning_rate": 5e-3, "beta": 1.0, "cycles": 10, "lora_rank": 8, "lora_alpha": 16}
 
 
 def _request(prompt: str, target: str, subject: str | None) -> EditRequest:
@@ -65,6 +64,7 @@ def test_routing_must_be_a_known_value():
 
 @pytest.fixture()
 def routed(tiny_model_dir, tmp_path):
+    """An editor with the family's settings (configs/llama.yaml), which route by subject."""
     return KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store", overrides=SETTINGS)
 
 
@@ -119,7 +119,7 @@ def test_a_routed_request_must_name_its_subject_and_nothing_is_stored_when_it_do
     before = routed.store().profile("default")
     with pytest.raises(RequestError, match="does not name its subject"):
         routed.edit([_request("it is located in the city of", "oslo", "big ben")], progress=False)
-    with pytest.raises(RequestError, match="needs each request's subject"):
+    with pytest.raises(RequestError, match="needs each request's subject.*--routing none"):
         routed.edit([_request("big ben is located in the city of", "oslo", None)], progress=False)
     assert routed.store().profile("default") == before
     assert routed.generate(["the eiffel tower is located in the city of"], max_new_tokens=1) == ["rome"]

@@ -17,6 +17,8 @@ from kdpo_lora.requests import EditRequest
 from kdpo_lora.session import KnowledgeEditor
 from kdpo_lora.store import AdapterStore
 
+from conftest import UNROUTED
+
 PROMPTS = ["the eiffel tower is located in the city of", "the capital of japan is", "the official language of spain is"]
 EDITS = [("the eiffel tower is located in the city of", "rome"), ("the capital of japan is", "paris"),
          ("the official language of spain is", "german")]
@@ -35,7 +37,7 @@ def _logits(ke: KnowledgeEditor, profile: str | None) -> torch.Tensor:
 def stacked(request, tiny_model_dir, tmp_path):
     """A store with three batches in the default profile, each editing one fact."""
     ke = KnowledgeEditor(load_model(str(tiny_model_dir), request.param, "cpu"), tmp_path / "store",
-                         overrides=SETTINGS)
+                         config=UNROUTED, overrides=SETTINGS)
     names = []
     for i, (prompt, target) in enumerate(EDITS):
         names.append(ke.edit([EditRequest(prompt, target)], name=f"b{i + 1}", progress=False).adapter)
@@ -288,7 +290,7 @@ def deep(request, tiny_model_dir, tmp_path):
     """Seven batches of rank 8: a fold of rank 56 costs more than the tiny model's dense MLP
     (64 x 128: rank > 42.7), so the session holds the profile merged into dense weights."""
     ke = KnowledgeEditor(load_model(str(tiny_model_dir), request.param, "cpu"), tmp_path / "store",
-                         overrides=SETTINGS)
+                         config=UNROUTED, overrides=SETTINGS)
     names = [ke.edit([EditRequest(p, t)], name=f"d{i + 1}", progress=False).adapter for i, (p, t) in enumerate(DEEP)]
     return ke, names, TOL[request.param]
 
