@@ -23,6 +23,14 @@ def test_sequential_overlay_keeps_the_family_settings_and_adds_the_many_edit_set
     assert resolved.learning_rate == family.learning_rate and resolved.preserve_weight == family.preserve_weight
 
 
+def test_the_family_default_is_the_routed_set_up_and_unrouted_yaml_turns_routing_and_its_training_off():
+    family = resolve_config("llama")
+    assert family == resolve_config("llama", CONFIG_DIR / "routed.yaml") and family.routing == "subject"
+    unrouted = resolve_config("llama", CONFIG_DIR / "unrouted.yaml")
+    assert (unrouted.routing, unrouted.context_prefixes, unrouted.margin) == ("none", 0, 0.0)
+    assert unrouted == replace(family, routing="none", context_prefixes=0, margin=0.0)
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"preserve_reference": "stack"}, "preserve_reference: must be below or base"),
     ({"context_prefixes": -1}, "context_prefixes: must be a non-negative integer"),
