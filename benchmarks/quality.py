@@ -69,6 +69,7 @@ def main() -> None:
         state = progress.resume(ke) if progress else Progress.empty()
         right_after, curve, seconds, skipped = state["right_after"], state["curve"], state["seconds"], state["skipped"]
         every = max(args.batch, (args.n // args.checkpoints) // args.batch * args.batch)
+        last_rows = None
         for start in range(state["done"], len(requests), args.batch):
             batch = requests[start:start + args.batch]
             began = time.perf_counter()
@@ -91,6 +92,8 @@ def main() -> None:
             done = start + len(batch)
             if done % every == 0 or done == len(requests):
                 rows = evaluate_requests(model(), tokenizer, requests[:done], pre[:done], False, route())
+                if done == len(requests) and args.no_generation:
+                    last_rows = rows  # the final evaluation, as scored here: not repeated below
                 point = {"edits": done, **{k: v for k, v in summarise(rows).items() if k in CURVE_KEYS}}
                 curve.append(point)
                 print(f"[{args.method}] {point}", flush=True)
@@ -102,7 +105,9 @@ def main() -> None:
                 progress.save(ke, done=done, right_after=right_after, curve=curve, seconds=seconds, skipped=skipped)
         if ke and _stored_batches(ke):
             ke.use(DEFAULT_PROFILE)  # a resumed run that had nothing left to edit
-        final = summarise(evaluate_requests(model(), tokenizer, requests, pre, not args.no_generation, route()))
+        if last_rows is None:
+            last_rows = evaluate_requests(model(), tokenizer, requests, pre, not args.no_generation, route())
+        final = summarise(last_rows)
         final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]], route=route())
         final["fluency_before"] = fluency_before
     summary = {"final": final, "right_after_each_edit": summarise(right_after), "curve": curve,

@@ -35,7 +35,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ke = KnowledgeEditor(load_model(args.model, args.quantization), store=args.store, fold_stack=False)
+    # the batches are replayed as one shared stack (each trimmed with those before it on)
+    ke = KnowledgeEditor(load_model(args.model, args.quantization), store=args.store, fold_stack=False,
+                         config=Path(__file__).resolve().parent.parent / "configs" / "unrouted.yaml")
     names = ke.use(DEFAULT_PROFILE)
     store, tokenizer, editor = ke.store(), ke.loaded.tokenizer, ke.editor
     batches = [store.requests_of(name) for name in names]

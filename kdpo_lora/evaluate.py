@@ -14,7 +14,8 @@ Metrics (see README for their provenance):
   samples from the edit prompt (words split on whitespace and punctuation, where they use NLTK).
 
 Every scorer takes an optional `route` (a prompt -> the adapters it runs with; `routing.py`), so a
-subject-routed profile is measured the way it is served.
+subject-routed profile is measured the way it is served. A route with a `serve(names)` method
+(`session.ProfileRoutes`) runs each group of prompts inside it, which loads batches not in memory.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 def _routed(model, route: Route | None, fn: Callable[..., list], prompts: Sequence[str], *columns: Sequence) -> list:
     """`fn(prompts, *columns)` on each group of prompts sharing a route (the columns taken alike),
     with exactly that route's adapters active; results in the prompts' order."""
+    serve = getattr(route, "serve", None) or partial(only_adapters, model)
+
     def run(indices: list[int], names: tuple[str, ...] | None) -> list:
-        with nullcontext() if names is None else only_adapters(model, names):
+        with nullcontext() if names is None else serve(names):
             return fn([prompts[i] for i in indices], *([column[i] for i in indices] for column in columns))
     return by_route(prompts, route, run)
 

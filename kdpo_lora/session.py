@@ -15,8 +15,9 @@ from __future__ import annotations
 import random
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -33,11 +34,17 @@ from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
 
 
 class KnowledgeEditor:
-    """A base model plus an adapter store; `profile` names which stored edits are active."""
+    """A base model plus an adapter store; `profile` names which stored edits are active.
+
+    A subject-routed profile keeps at most `max_loaded` of its batches in memory (those used most
+    recently) and loads the others from the store when a prompt routes to them: a prompt needs only
+    its own subjects' batches, and peft's cost of switching adapters grows with every adapter
+    loaded, so a profile of a thousand edits switches as fast as one of a few (RESULTS.md section 5).
+    """
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, store: str | Path = "adapters",
                  quantization: str = "nf4", device: str | None = None, config: str | Path | None = None,
-                 overrides: dict | None = None, fold_stack: bool = True):
+                 overrides: dict | None = None, fold_stack: bool = True, max_loaded: int = 16):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, quantization, device)
         self.store_path = Path(store)
         model_type = getattr(self.loaded.model.config, "model_type", None)
@@ -48,6 +55,12 @@ class KnowledgeEditor:
         self._materialised: tuple[str, ...] = ()  # the batches the adapters in memory add up to
         self.router: SubjectRouter | None = None  # with `routing: subject`, for the active profile
         self._requests_of: dict[str, list[EditRequest]] = {}  # stored batches' requests (batches never change)
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.max_loaded = max_loaded
+        self._profile_batches: list[str] = []  # the active profile's batches, in memory or not
+        self._last_used: dict[str, int] = {}  # batch -> when it last served (a routed profile unloads the oldest)
+        self._checked: set[str] = set()  # routed batches whose files and base model `use` has checked
 
     # ------------------------------------------------------------------ plumbing
 
@@ -67,16 +80,52 @@ class KnowledgeEditor:
         """Each prompt is served by only the batches whose subjects it names (routing.py)."""
         return self.config.routing == "subject"
 
-    def route(self, prompt: str) -> list[str]:
-        """The active profile's batches that serve `prompt` (all of them without routing)."""
-        return self.router.route(prompt) if self.router is not None else list(self.editor.stack)
+    @property
+    def route(self) -> "ProfileRoutes":
+        """`route(prompt)`: the active profile's batches that serve `prompt` (all of them without routing).
+        Handed to the evaluation harness, it also loads the batches a prompt routes to (`serving`)."""
+        return ProfileRoutes(self)
+
+    @contextmanager
+    def serving(self, names: Sequence[str]) -> Iterator[None]:
+        """Run with exactly the batches `names` active, loading from the store those not in memory."""
+        self._ensure_loaded(names)
+        with adapters.only_adapters(self.editor.model, names):
+            yield
+
+    def _ensure_loaded(self, names: Sequence[str]) -> None:
+        """Load (verified) the batches of `names` that are not in memory; with routing, then unload the
+        least recently used others beyond `max_loaded` (an unrouted profile is always loaded whole)."""
+        stack, store = self.editor.stack, None
+        for name in names:
+            if name != merged.STACK and name not in stack:
+                store = store or self.store()
+                folder = store.verify_batch(name, self.fingerprint)
+                self.editor.model = adapters.load_adapter(self.editor.model, name, folder)
+                stack.append(name)
+        self._mark_used(names)
+        if self.routed:
+            wanted = set(names)
+            spare = sorted((n for n in stack if n not in wanted), key=lambda n: self._last_used.get(n, 0))
+            for name in spare[:max(0, len(stack) - self.max_loaded)]:
+                self.editor.remove(name)
+                self._last_used.pop(name, None)
+        order = {n: i for i, n in enumerate(self._profile_batches)}
+        stack.sort(key=lambda n: order.get(n, len(order)))  # held in the profile's order
+
+    def _mark_used(self, names: Sequence[str]) -> None:
+        clock = max(self._last_used.values(), default=0)
+        for name in names:
+            clock += 1
+            self._last_used[name] = clock
 
     @property
     def base_model_name(self) -> str:
         return EMBEDDED_HUB_IDS.get(self.loaded.source, self.loaded.source)
 
     def use(self, profile: str | None) -> list[str]:
-        """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading.
+        """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading;
+        a routed profile's batches are loaded (and verified) when a prompt first routes to them.
 
         With `fold_stack`, a profile of several batches is held as one exact concatenated adapter,
         merged into dense weights once that is cheaper (`serving.compact_stack`), so the cost of a
@@ -84,6 +133,9 @@ class KnowledgeEditor:
         batches stay separate adapters, since each prompt needs its own subset of them.
         """
         names = [] if profile is None else self.store().profile(profile)
+        self._profile_batches = list(names)
+        if self.routed:
+            return self._use_routed(profile, names)
         in_memory = adapters.adapter_names(self.editor.model)
         if tuple(names) != self._materialised or set(in_memory) != set(self.editor.stack):
             for stale in in_memory:  # rebuild from the verified files
@@ -96,6 +148,29 @@ class KnowledgeEditor:
             self._materialised = tuple(names)
         self._fold_active()
         adapters.set_active(self.editor.model, self.editor.stack)
+        self.active_profile = profile
+        self._build_router(names)
+        return names
+
+    def _use_routed(self, profile: str | None, names: list[str]) -> list[str]:
+        """`use` for a routed profile: its router is built from the store's records, and its batches
+        are loaded when a prompt routes to them; those in memory that it does not list are unloaded.
+        Each batch's files and base model are checked here (its hashes when it is loaded)."""
+        store = self.store() if names else None
+        for name in names:
+            if name not in self._checked:
+                store.verify_batch(name, self.fingerprint, hashes=False)
+                self._checked.add(name)
+        listed = set(names)
+        for stale in adapters.adapter_names(self.editor.model):
+            if stale not in listed:
+                self.editor.model = adapters.delete_adapter(self.editor.model, stale)
+                self._last_used.pop(stale, None)
+        in_memory = set(adapters.adapter_names(self.editor.model))
+        self.editor.stack = [n for n in names if n in in_memory]
+        self._materialised = ()  # a routed profile is never folded
+        if self.editor.stack:
+            adapters.set_active(self.editor.model, self.editor.stack)
         self.active_profile = profile
         self._build_router(names)
         return names
@@ -123,11 +198,13 @@ class KnowledgeEditor:
         if any(b.name == name for b in store.batches()):
             raise StoreError(f"a batch named {name!r} already exists in {store.root}")
         batches = self.use(profile if profile in store.profiles() else None)
-        superseded = store.superseded(requests, profile)
+        superseded = store.superseded(requests, profile, self._requests)
         warn_superseded(superseded)
         cfg = config or self.config
         below, shared = self._routed_below(requests) if cfg.routing == "subject" else (None, [])
         earlier = batches if below is None else below
+        if below is not None:  # routed: the batches it trains on may not be in memory (an unrouted profile is)
+            self._ensure_loaded(below)
         result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
                                   replay=shared + self._replay_prompts(earlier, cfg),
                                   anchors=self._anchor_prompts(earlier, cfg),
@@ -147,9 +224,13 @@ class KnowledgeEditor:
         except BaseException:
             self.editor.remove(name)
             raise
-        self._materialised += (name,)
+        self._profile_batches.append(name)
+        self._checked.add(name)
+        self._mark_used([name])
+        if not self.routed:
+            self._materialised += (name,)
         self.active_profile = profile
-        self._build_router(self._materialised)
+        self._build_router(self._profile_batches)
         return result
 
     def _routed_below(self, requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
@@ -224,16 +305,15 @@ class KnowledgeEditor:
             return self.editor.generate(prompts, max_new_tokens, use_edits=profile is not None)
 
         def run(indices: list[int], names: tuple[str, ...]) -> list[str]:
-            with adapters.only_adapters(self.model, names):
+            with self.serving(names):
                 return self.editor.generate([prompts[i] for i in indices], max_new_tokens)
         return by_route(prompts, self.route, run)
 
     def evaluate(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE,
                  generation: bool = True) -> dict:
         """The evaluation harness on `requests` with `profile` active (locality against the base)."""
-        self.use(None)
-        pre = pre_edit_locality(self.model, self.loaded.tokenizer, requests)
         self.use(profile)
+        pre = pre_edit_locality(self.model, self.loaded.tokenizer, requests)  # with every adapter off
         route = self.route if self.router is not None else None
         rows = evaluate_requests(self.model, self.loaded.tokenizer, requests, pre, generation, route)
         return {"summary": summarise(rows), "rows": rows}
@@ -241,8 +321,14 @@ class KnowledgeEditor:
     # ------------------------------------------------------------------ serving
 
     def _as_adapters(self, profile: str) -> list[str]:
-        """Make `profile` active with its batches as LoRA adapters (reloaded if they were merged)."""
-        self.use(profile)
+        """Make `profile` active with its batches as LoRA adapters (reloaded if they were merged;
+        a routed profile's loaded whole)."""
+        names = self.use(profile)
+        if self.routed:
+            self._ensure_loaded(names)
+            if names:
+                adapters.set_active(self.editor.model, names)
+            return list(names)
         if merged.STACK in self.editor.stack:
             fold_stack, self.fold_stack, self._materialised = self.fold_stack, False, ()
             try:
@@ -281,6 +367,21 @@ class KnowledgeEditor:
             report = export_for_serving(staging, self.base_model_name, max_rank, compress)
             _publish(staging, out)
         return report
+
+
+class ProfileRoutes:
+    """The active profile's routing as the evaluation harness takes it (`evaluate.Route`): calling it
+    names the batches that serve a prompt; `serve(names)` runs with them, loading any not in memory."""
+
+    def __init__(self, editor: KnowledgeEditor):
+        self._editor = editor
+
+    def __call__(self, prompt: str) -> list[str]:
+        router = self._editor.router
+        return router.route(prompt) if router is not None else list(self._editor.editor.stack)
+
+    def serve(self, names: Sequence[str]):
+        return self._editor.serving(names)
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from filelock import FileLock, Timeout
 
@@ -251,8 +251,9 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ integrity
 
-    def verify_batch(self, name: str, fingerprint: str | None = None) -> Path:
-        """Check a batch before it is loaded: files, hashes, safetensors only, base model. Returns its folder."""
+    def verify_batch(self, name: str, fingerprint: str | None = None, hashes: bool = True) -> Path:
+        """Check a batch before it is loaded: files, hashes (unless `hashes` is off: the quick check of a
+        batch not loaded yet), safetensors only, base model. Returns its folder."""
         entry = self.batch(name)
         folder = self.batch_dir(name)
         if not folder.is_dir():
@@ -267,7 +268,7 @@ class AdapterStore:
             path = folder / file
             if not path.is_file():
                 raise IntegrityError(f"batch {name!r}: {file} is missing")
-            if sha256_file(path) != expected:
+            if hashes and sha256_file(path) != expected:
                 raise IntegrityError(f"batch {name!r}: {file} was modified (SHA-256 mismatch)")
         if fingerprint is not None and entry.fingerprint != fingerprint:
             raise IntegrityError(f"batch {name!r} was made for another base model (fingerprint "
@@ -289,14 +290,16 @@ class AdapterStore:
                 problems.append(f"profile {name!r} lists unknown batch(es) {', '.join(missing)}")
         return problems
 
-    def superseded(self, requests: Iterable[EditRequest], profile: str) -> dict[str, list[str]]:
-        """For each request key already edited in `profile`: the batches that edited it."""
+    def superseded(self, requests: Iterable[EditRequest], profile: str,
+                   requests_of: Callable[[str], list[EditRequest]] | None = None) -> dict[str, list[str]]:
+        """For each request key already edited in `profile`: the batches that edited it (their requests
+        read with `requests_of`, e.g. a cache of them, instead of from disk)."""
         keys = {r.key: r for r in requests}
         found: dict[str, list[str]] = {}
         if profile not in self.profiles():
             return found
         for name in self.profile(profile):
-            for old in self.requests_of(name):
+            for old in (requests_of or self.requests_of)(name):
                 if old.key in keys:
                     found.setdefault(old.key, []).append(name)
         return found

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
+from kdpo_lora import adapters
 from kdpo_lora.adapters import only_adapters
 from kdpo_lora.config import resolve_config
-from kdpo_lora.errors import ConfigError, RequestError
-from kdpo_lora import evaluate
+from kdpo_lora.errors import ConfigError, IntegrityError, RequestError
 from kdpo_lora.evaluate import score_targets
 from kdpo_lora.loading import load_model
 from kdpo_lora.requests import EditRequest, Probe
@@ -87,7 +87,8 @@ def test_routed_edits_serve_only_prompts_naming_their_subject(routed):
     with only_adapters(routed.model, ()):
         expected = _logits(routed, unrelated, "paris")
     assert torch.equal(_logits(routed, unrelated, "paris", routed.route), expected)  # exactly the base model
-    stacked = _logits(routed, unrelated, "paris")  # every batch active, unrouted: the edits do reach them
+    with routed.serving([first, second]):  # every batch active, unrouted: the edits do reach them
+        stacked = _logits(routed, unrelated, "paris")
     assert not torch.equal(stacked, expected)
 
 
@@ -131,11 +132,70 @@ def test_a_routed_evaluation_switches_each_route_on_once(routed, monkeypatch):
     first = routed.edit([eiffel], progress=False).adapter
     second = routed.edit([big_ben], progress=False).adapter
     switched = []
-    only = evaluate.only_adapters
-    monkeypatch.setattr(evaluate, "only_adapters", lambda model, names: switched.append(tuple(names)) or only(model, names))
+    only = adapters.only_adapters
+    monkeypatch.setattr(adapters, "only_adapters", lambda model, names: switched.append(tuple(names)) or only(model, names))
     requests = [EditRequest(r.prompt, r.target_new, subject=r.subject, rephrase_prompts=(r.prompt.upper(),),
                             locality=(Probe("the seine is a river in", "france"),)) for r in (eiffel, big_ben)]
     rows = routed.evaluate(requests, generation=True)["rows"]
     assert [row["edit_success"] for row in rows] == [1.0, 1.0] and [row["locality"] for row in rows] == [1.0, 1.0]
     scored = [names for names in switched if names]  # () is the unedited model, for the locality probes
     assert Counter(scored) == {(first,): 2, (second,): 2}  # once to score every probe, once to generate
+
+
+FACTS = [("the eiffel tower is located in the city of", "rome", "eiffel tower"),
+         ("big ben is located in the city of", "tokyo", "big ben"),
+         ("the colosseum is located in the city of", "oslo", "colosseum"),
+         ("mount fuji is located in the country of", "spain", "mount fuji")]
+
+
+@pytest.fixture()
+def routed_store(routed):
+    """A routed store of one batch per fact, and the probes that route to each batch (and to none)."""
+    names = [routed.edit([_request(*fact)], progress=False).adapter for fact in FACTS]
+    prompts = [p for p, _, _ in FACTS] + [p.upper() for p, _, _ in FACTS] + ["the seine is a river in"]
+    return routed, names, prompts
+
+
+def test_a_routed_profile_larger_than_max_loaded_serves_every_prompt_exactly_as_when_all_are_loaded(
+        routed_store, tiny_model_dir):
+    routed, names, prompts = routed_store
+    assert sorted(adapters.adapter_names(routed.model)) == sorted(names)  # 4 <= max_loaded: all still in memory
+    expected = _logits(routed, prompts, "paris", routed.route)
+    generated = routed.generate(prompts, max_new_tokens=2)
+
+    small = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), routed.store_path, overrides=SETTINGS,
+                            max_loaded=1)
+    small.use("default")
+    assert adapters.adapter_names(small.model) == []  # nothing is loaded until a prompt routes to it
+    assert torch.equal(_logits(small, prompts, "paris", small.route), expected)
+    assert small.generate(prompts, max_new_tokens=2) == generated
+    assert len(adapters.adapter_names(small.model)) == 1  # each batch was loaded for its prompts, then let go
+    rows = small.evaluate([EditRequest(p, t, subject=s) for p, t, s in FACTS], generation=False)["rows"]
+    assert [row["edit_success"] for row in rows] == [1.0] * len(FACTS)
+
+
+def test_a_routed_edit_loads_the_batches_it_trains_on_and_unloads_the_least_recently_used(routed_store,
+                                                                                          tiny_model_dir):
+    routed, names, _ = routed_store
+    small = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), routed.store_path, overrides=SETTINGS,
+                            max_loaded=2)
+    small.generate([FACTS[1][0], FACTS[2][0]], max_new_tokens=1)  # big ben, then the colosseum
+    assert adapters.adapter_names(small.model) == [names[1], names[2]]
+    third = small.edit([_request("the eiffel tower was born in", "tokyo", "eiffel tower")], progress=False).adapter
+    # trained on top of the eiffel tower's batch, which was loaded for it; big ben's was the oldest
+    assert set(adapters.adapter_names(small.model)) == {names[0], names[2], third}
+    assert small.generate(["the eiffel tower was born in", FACTS[0][0], FACTS[1][0]], max_new_tokens=1) == \
+        ["tokyo", "rome", "tokyo"]
+    assert len(adapters.adapter_names(small.model)) <= 3  # at most max_loaded beyond the batches one prompt needs
+
+
+def test_a_tampered_routed_batch_is_refused_when_it_is_loaded_and_the_others_still_serve(routed_store,
+                                                                                       tiny_model_dir):
+    routed, names, _ = routed_store
+    weights = routed.store().batch_dir(names[1]) / adapters.ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    fresh = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), routed.store_path, overrides=SETTINGS)
+    assert fresh.generate([FACTS[0][0]], max_new_tokens=1) == ["rome"]
+    with pytest.raises(IntegrityError, match=f"{names[1]}.*modified"):
+        fresh.generate([FACTS[1][0]], max_new_tokens=1)
+    assert fresh.store().profile("default") == names and adapters.adapter_names(fresh.model) == [names[0]]
