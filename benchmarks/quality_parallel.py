@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import overrides, parser, write  # noqa: E402
 from benchmarks.quality import CURVE_KEYS, Progress, _stored_batches  # noqa: E402
+from kdpo_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: E402
 from kdpo_lora.errors import RequestError  # noqa: E402
 from kdpo_lora.evaluate import Probes, evaluate_requests, fluency, pre_edit_locality, summarise  # noqa: E402
 from kdpo_lora.loading import load_model  # noqa: E402
@@ -172,13 +173,15 @@ def main() -> None:
         skipped += len(worker["skipped"])
     store = AdapterStore(store_dir)
     order = sorted(by_index)
+    merged = set(_stored_batches(ke))  # a resumed merge skips what it already copied
     for i in order:
         source, name = by_index[i]
-        if name in _stored_batches(ke):
+        if name in merged:
             continue
-        record = json.loads((AdapterStore(source).batch_dir(name) / "edit.json").read_text())
-        folder_of = AdapterStore(source).verify_batch(name, ke.fingerprint)
-        store.add_batch(name, lambda out, src=folder_of: _copy_adapter(src, out), record, ke.fingerprint)
+        worker_store = AdapterStore(source)
+        folder_of = worker_store.verify_batch(name, ke.fingerprint)
+        store.add_batch(name, lambda out, src=folder_of: _copy_adapter(src, out), worker_store.edit_record(name),
+                        ke.fingerprint)
     names = _stored_batches(ke)
     edited = _request_indices(ke, names, requests)
     right_after_rows = [right_after[k] for k in sorted(right_after)]
@@ -239,7 +242,7 @@ def _request_indices(ke: KnowledgeEditor, names: list[str], requests: list[EditR
 
 def _copy_adapter(source: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for file in ("adapter_model.safetensors", "adapter_config.json"):
+    for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         shutil.copyfile(source / file, out / file)
 
 
