@@ -73,8 +73,25 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 4096, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other user error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"kdpo-lora: error: {self.prog.removeprefix('kdpo-lora ')}: {_one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdpo-lora", description="Edit facts of an LLM with KDPO into LoRA adapters.")
+    parser = _Parser(prog="kdpo-lora", description="Edit facts of an LLM with KDPO into LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="edit a few facts of the embedded model and show before/after")
@@ -100,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--no-edits", action="store_true")
     group.add_argument("--compare", action="store_true", help="show the base model's answer too")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
 
     p = sub.add_parser("eval", help="score a request file against a profile")
     _model_args(p)
@@ -122,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
     ssub = store.add_subparsers(dest="action", required=True)
-    for name, text in (("ls", "list batches and profiles"), ("verify", "check hashes and fingerprints"),
-                       ("gc", "remove unlisted leftovers of interrupted writes")):
+    for name, text in (("ls", "list batches and profiles"), ("verify", "check the manifest, hashes and files")):
         p = ssub.add_parser(name, help=text)
         p.add_argument("--store", default="adapters")
+    p = ssub.add_parser("gc", help="delete leftovers of interrupted writes and batches no profile uses")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p.add_argument("--store", default="adapters")
     p = ssub.add_parser("show", help="one batch: facts, results, profiles")
     p.add_argument("batch")
     p.add_argument("--store", default="adapters")
@@ -152,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--max-rank", type=int, default=64)
             p.add_argument("--compress", action="store_true", help="truncate by SVD to --max-rank if needed")
+            p.add_argument("--for", dest="target", choices=["nf4", "bf16", "fp32"],
+                           help="the base precision it will be served on; every edit is checked there "
+                                "(default: the one edited on)")
+            p.add_argument("--no-check", action="store_true", help="skip that check (it loads the base again)")
     return parser
 
 
@@ -191,6 +214,13 @@ def cmd_edit(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise RequestError("--prompt must not be empty")
+    if not args.no_edits:
+        from .store import AdapterStore
+
+        AdapterStore(args.store).profile(args.profile)  # a missing store or profile is an error, before loading
     ke = _editor(args)
     edited = None if args.no_edits else ke.generate(args.prompt, args.profile, args.max_new_tokens)
     routes = [ke.route(p) for p in args.prompt] if edited is not None and ke.router is not None else None
@@ -268,9 +298,13 @@ def cmd_store(args) -> None:
             rank = ke.squash(args.profile, args.out)
             print(f"squashed profile {args.profile} into {args.out} (rank {rank})")
         else:
-            report = ke.export(args.profile, args.out, args.max_rank, args.compress)
+            report = ke.export(args.profile, args.out, args.max_rank, args.compress, args.target, not args.no_check)
             extra = f", SVD-compressed, max relative error {report['max_relative_error']:.2e}" if report["compressed"] else ""
-            print(f"exported profile {args.profile} to {args.out} (rank {report['rank']}{extra})")
+            print(f"exported profile {args.profile} to {args.out} (rank {report['rank']}{extra}; base "
+                  f"{report['base_model']})")
+            if report["checked"]:
+                held = report["edits"] - len(report["not_holding"])
+                print(f"checked on the {report['for']} base with plain peft: {held} of {report['edits']} edits hold")
         return
     store = AdapterStore(args.store)
     if args.action == "ls":
@@ -300,12 +334,21 @@ def cmd_store(args) -> None:
         store.remove_batch(args.batch, args.force)
         print(f"removed batch {args.batch}")
     elif args.action == "gc":
-        removed = store.gc()
-        print(f"removed {len(removed)} leftover folder(s){': ' + ', '.join(removed) if removed else ''}")
+        report = store.gc(dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        unused = set(report["unused"])
+        for name in report["removed"]:
+            why = "batch no profile uses" if name in unused else "leftover of an interrupted write"
+            print(f"{verb} {name} ({why})")
+        for name in report["left"]:
+            print(f"kept {name} (not made by kdpo-lora)")
+        print(f"{verb} {len(report['removed'])} item(s)")
     elif args.action == "verify":
         problems = store.verify()
         for problem in problems:
             print(f"PROBLEM: {problem}")
+        for name in store.leftovers():
+            print(f"leftover: {name} (from an interrupted write; never read; 'store gc' removes it)")
         if problems:
             raise KdpoError(f"{len(problems)} problem(s) found in {args.store}")
         print(f"{len(store.batches())} batch(es) verified, no problems")
@@ -330,7 +373,10 @@ def _one_line(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed as one line
+        return stop.code if isinstance(stop.code, int) else 2
     _quiet_libraries()
     try:
         COMMANDS[args.command](args)

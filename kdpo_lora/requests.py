@@ -191,12 +191,14 @@ def from_counterfact(record: dict) -> EditRequest:
     subject = _get(rewrite, "subject", str)
     if "{}" not in template:
         raise RequestError("field 'requested_rewrite.prompt': has no '{}' slot for the subject")
+    if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+        raise RequestError("field 'requested_rewrite.prompt': must have exactly one '{}' slot and no other braces")
     new = _get(rewrite, "target_new", dict)
     true = rewrite.get("target_true") or {}
     neighbours = _str_list(record, "neighborhood_prompts")
     true_str = true.get("str") if isinstance(true, dict) else None
     return EditRequest(
-        prompt=template.format(subject),
+        prompt=template.replace("{}", subject),
         target_new=_get(new, "str", str),
         subject=subject,
         target_true=true_str,
@@ -274,8 +276,8 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         try:
             records.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise RequestError(f"{path}:line {number}: invalid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:
+            raise RequestError(f"{path}:line {number}: invalid JSON ({_json_problem(err)})") from None
     return records
 
 
@@ -284,11 +286,22 @@ def _json_records(path: Path, text: str) -> list[tuple[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise RequestError(f"{path}:line {err.lineno}: invalid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:
+        raise RequestError(f"{path}: invalid JSON ({_json_problem(err)})") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise RequestError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return [(f"record {i}", record) for i, record in enumerate(data)]
+
+
+def _json_problem(err: BaseException) -> str:
+    """What is wrong with a JSON text, in a few words (the parser's own message where it has one)."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(err).split())[:120]  # e.g. an integer of thousands of digits
 
 
 def check_batch(requests: list[EditRequest]) -> None:

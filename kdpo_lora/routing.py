@@ -19,6 +19,7 @@ import re
 from collections import defaultdict
 from typing import Callable, Sequence, TypeVar
 
+from .errors import RequestError
 from .requests import EditRequest
 
 ROUTINGS = ("none", "subject")
@@ -33,6 +34,18 @@ def subject_key(subject: str) -> str:
     """How a subject is matched: case-folded, single-spaced, without a leading article "the"."""
     key = " ".join(subject.casefold().split())
     return key[4:] if key.startswith("the ") and len(key) > 4 else key
+
+
+def check_routable(requests: Sequence[EditRequest]) -> None:
+    """Each request must name its subject in its prompt, or the batch it goes into would never serve it."""
+    for r in requests:
+        if not has_subject(r):
+            raise RequestError(f"routing: subject needs each request's subject, named in its prompt; {r.prompt!r} "
+                               "has none (give --subject or a \"subject\" field, or edit unrouted: --routing none)")
+        if not SubjectRouter([("new", [r])]).route(r.prompt):
+            raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
+                               f"{r.subject!r} (matched as {subject_key(r.subject)!r}), so it would never "
+                               "be served the edit")
 
 
 class SubjectRouter:

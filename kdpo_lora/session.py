@@ -12,6 +12,7 @@ model is loaded once.
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import warnings
@@ -25,12 +26,17 @@ from . import adapters, merged
 from .config import EditConfig, resolve_config
 from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
 from .errors import KdpoWarning, RequestError, StoreError
-from .evaluate import evaluate_requests, pre_edit_locality, summarise
-from .loading import DEFAULT_MODEL, EMBEDDED_HUB_IDS, LoadedModel, load_model
+from .evaluate import evaluate_requests, pre_edit_locality, score_targets, summarise
+from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .requests import EditRequest
-from .routing import SubjectRouter, by_route, has_subject, subject_key
+from .routing import SubjectRouter, by_route, check_routable
 from .serving import compact_stack, export_for_serving, squash
-from .store import DEFAULT_PROFILE, AdapterStore, check_name, warn_superseded
+from .store import DEFAULT_PROFILE, AdapterStore, ProfileChanged, check_name, warn_superseded
+
+
+EXPORT_TARGETS = ("nf4", "bf16", "fp32")  # the base precisions an export is checked on
+EXPORT_RECORD = "kdpo_export.json"  # beside the PEFT files: the true base, its fingerprint, the check
+MAX_EDIT_ATTEMPTS = 5  # trainings of one batch while concurrent writers keep changing its profile
 
 
 class KnowledgeEditor:
@@ -121,7 +127,9 @@ class KnowledgeEditor:
 
     @property
     def base_model_name(self) -> str:
-        return EMBEDDED_HUB_IDS.get(self.loaded.source, self.loaded.source)
+        """The base as `from_pretrained` loads it here: the folder the edits were made on (for the
+        embedded model, its converted folder, not the hub model the GGUF file was made from)."""
+        return self.loaded.base_path or self.loaded.source
 
     def use(self, profile: str | None) -> list[str]:
         """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading;
@@ -191,40 +199,62 @@ class KnowledgeEditor:
 
     def edit(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE, name: str | None = None,
              config: EditConfig | None = None, progress: bool = True) -> BatchResult:
-        """Edit on top of `profile`'s batches and store the new batch at the end of that profile."""
+        """Edit on top of `profile`'s batches and store the new batch at the end of that profile.
+
+        Everything that can be refused is refused before training, and nothing is written until the
+        batch is stored. If another writer changed what this batch stands on while it trained (a
+        concurrent edit of the same subject, a rollback), it is trained again on top of the profile
+        as it is now, so concurrent edits end as if made one after the other.
+        """
         check_name(profile, "profile name")
         name = check_name(name, "batch name") if name is not None else new_adapter_name()
+        cfg = config or self.config
         store = self.store(create=True)
+        store.check_writable()
         if any(b.name == name for b in store.batches()):
             raise StoreError(f"a batch named {name!r} already exists in {store.root}")
-        batches = self.use(profile if profile in store.profiles() else None)
-        superseded = store.superseded(requests, profile, self._requests)
-        warn_superseded(superseded)
-        cfg = config or self.config
-        below, shared = self._routed_below(requests) if cfg.routing == "subject" else (None, [])
-        earlier = batches if below is None else below
-        if below is not None:  # routed: the batches it trains on may not be in memory (an unrouted profile is)
-            self._ensure_loaded(below)
-        result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
-                                  replay=shared + self._replay_prompts(earlier, cfg),
-                                  anchors=self._anchor_prompts(earlier, cfg),
-                                  protect=self._protected_facts(earlier, cfg))
-        record = {
-            "requests": [r.to_dict() for r in requests],
-            "config": result.config.to_dict(),
-            "results": [r.to_dict() for r in result.results],
-            "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds, "scale": result.scale,
-            "base_model": self.base_model_name, "quantization": self.loaded.quantization,
-            "supersedes": sorted({b for batches in superseded.values() for b in batches}),
-        }
-        try:
-            store.add_batch(name, lambda folder: adapters.save_adapter(self.editor.model, name, folder,
-                                                                       self.base_model_name),
-                            record, self.fingerprint, profile)
-        except BaseException:
-            self.editor.remove(name)
-            raise
-        self._profile_batches.append(name)
+        if cfg.routing == "subject":
+            check_routable(requests)
+        for attempt in range(MAX_EDIT_ATTEMPTS):
+            names = self.use(profile if store.exists() and profile in store.profiles() else None)
+            warn_superseded(store.superseded(requests, names, self._requests))
+            stands_on, shared = self._stands_on(requests, names, cfg)
+            below = stands_on if cfg.routing == "subject" else None
+            if below is not None:  # routed: the batches it trains on may not be in memory (an unrouted profile is)
+                self._ensure_loaded(below)
+            result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
+                                      replay=shared + self._replay_prompts(stands_on, cfg),
+                                      anchors=self._anchor_prompts(stands_on, cfg),
+                                      protect=self._protected_facts(stands_on, cfg))
+            record = {
+                "requests": [r.to_dict() for r in requests],
+                "config": result.config.to_dict(),
+                "results": [r.to_dict() for r in result.results],
+                "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds, "scale": result.scale,
+                "base_model": self.base_model_name, "quantization": self.loaded.quantization,
+            }
+
+            def on_commit(manifest: dict) -> dict:
+                now = manifest["profiles"].get(profile, [])
+                if self._stands_on(requests, now, cfg)[0] != stands_on:
+                    raise ProfileChanged(f"profile {profile!r} changed while batch {name!r} was trained")
+                found = store.superseded(requests, now, self._requests)
+                return {"supersedes": sorted({b for batches in found.values() for b in batches})}
+
+            try:
+                store.add_batch(name, lambda folder: adapters.save_adapter(self.editor.model, name, folder,
+                                                                           self.base_model_name),
+                                record, self.fingerprint, profile, on_commit=on_commit)
+                break
+            except ProfileChanged:
+                self.editor.remove(name)
+                if attempt + 1 == MAX_EDIT_ATTEMPTS:
+                    raise StoreError(f"profile {profile!r} kept changing while batch {name!r} was trained "
+                                     f"({MAX_EDIT_ATTEMPTS} tries); nothing was stored, try again") from None
+            except BaseException:
+                self.editor.remove(name)
+                raise
+        self._profile_batches = store.profile(profile)
         self._checked.add(name)
         self._mark_used([name])
         if not self.routed:
@@ -233,29 +263,22 @@ class KnowledgeEditor:
         self._build_router(self._profile_batches)
         return result
 
-    def _routed_below(self, requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
-        """With subject routing: the batches the new batch will be served with, and the earlier
-        prompts it will be served on.
+    def _stands_on(self, requests: Sequence[EditRequest], names: Sequence[str],
+                   config: EditConfig) -> tuple[list[str], list[str]]:
+        """The batches of `names` a new batch of `requests` is trained on top of (all of them
+        unrouted), and, routed, the earlier prompts it will also be served on.
 
-        Those batches are the ones the new prompts name a subject of, and the ones with a prompt
-        that names a new subject ("1300 Oslo was formed in" once "Oslo" is edited); the latter
-        prompts are returned to be held at their current answers while the new batch trains. Each
-        request must name its subject in its prompt, or the batch it goes into would never serve it.
+        Routed, those batches are the ones the new prompts name a subject of, and the ones with a
+        prompt that names a new subject ("1300 Oslo was formed in" once "Oslo" is edited); the
+        latter prompts are held at their current answers while the new batch trains.
         """
-        for r in requests:
-            if not has_subject(r):
-                raise RequestError(f"routing: subject needs each request's subject, named in its prompt; {r.prompt!r} "
-                                   "has none (give --subject or a \"subject\" field, or edit unrouted: --routing none)")
-            if not SubjectRouter([("new", [r])]).route(r.prompt):
-                raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
-                                   f"{r.subject!r} (matched as {subject_key(r.subject)!r}), so it would never "
-                                   "be served the edit")
-        if self.router is None:
-            return [], []
+        if config.routing != "subject":
+            return list(names), []
+        router = SubjectRouter([(n, self._requests(n)) for n in names])
         new = SubjectRouter([("new", requests)])
-        shared = {b: [r.prompt for r in self._requests(b) if new.route(r.prompt)] for b in self.router.order}
-        below = set(self.router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
-        return [b for b in self.router.order if b in below], [p for prompts in shared.values() for p in prompts]
+        shared = {b: [r.prompt for r in self._requests(b) if new.route(r.prompt)] for b in router.order}
+        below = set(router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
+        return [b for b in router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
     def _replay_prompts(self, batches: Sequence[str], config: EditConfig) -> list[str]:
         """Prompts of the facts most recently edited in `batches` (up to `config.replay`)."""
@@ -298,8 +321,7 @@ class KnowledgeEditor:
 
     def generate(self, prompts: Sequence[str], profile: str | None = DEFAULT_PROFILE, max_new_tokens: int = 16) -> list[str]:
         """Greedy continuations with `profile`'s edits (None: the unedited base model)."""
-        if profile is not None and not self.store_path.joinpath("manifest.json").is_file():
-            profile = None  # nothing stored yet: the base model is what serves
+        self.editor.check_prompts(prompts, max_new_tokens)
         self.use(profile)
         if self.router is None:
             return self.editor.generate(prompts, max_new_tokens, use_edits=profile is not None)
@@ -356,17 +378,63 @@ class KnowledgeEditor:
             _publish(staging, out)
         return rank
 
-    def export(self, profile: str, out_dir: str | Path, max_rank: int = 64, compress: bool = False) -> dict:
-        """A squashed adapter that LoRA servers (vLLM, PeftModel.from_pretrained) load as it is."""
+    def export(self, profile: str, out_dir: str | Path, max_rank: int = 64, compress: bool = False,
+               target: str | None = None, check: bool = True) -> dict:
+        """A squashed adapter that LoRA servers (vLLM, PeftModel.from_pretrained) load as it is.
+
+        An adapter trained on a 4-bit base need not hold on the same base in another precision, so
+        with `check` the written folder is loaded with plain peft onto the base in the precision it
+        is exported `target`ed at (nf4, bf16, fp32; default: the one edited on) and every edit of the
+        profile is scored there; those whose target no longer wins are reported (`not_holding`).
+        The folder names the true base (`base_model_name_or_path`), and `kdpo_export.json` records
+        it with its fingerprint, the target precision and the check's outcome.
+        """
+        target = target or ("nf4" if self.loaded.quantization == "nf4" else "fp32")
+        if target not in EXPORT_TARGETS:
+            raise StoreError(f"export target {target!r} is not one of {', '.join(EXPORT_TARGETS)}")
         stack = self._as_adapters(profile)
         self._warn_unrouted(profile, stack)
+        requests = self._latest_requests(self.store().profile(profile))
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             staging = Path(tmp) / "adapter"
             squash(self.model, stack, staging, self.base_model_name)
             report = export_for_serving(staging, self.base_model_name, max_rank, compress)
+            not_holding = self._check_export(staging, requests, target) if check else None
+            report.update({"profile": profile, "batches": self.store().profile(profile), "base_model": self.base_model_name,
+                           "base_fingerprint": self.fingerprint, "for": target, "checked": check,
+                           "edits": len(requests), "not_holding": not_holding})
+            (staging / EXPORT_RECORD).write_text(json.dumps(report, indent=2, ensure_ascii=False))
             _publish(staging, out)
+        if not_holding:
+            warnings.warn(f"{len(not_holding)} of {len(requests)} edits do not hold on the {target} base with the "
+                          f"exported adapter: {'; '.join(repr(p) for p in not_holding[:3])}"
+                          f"{' ...' if len(not_holding) > 3 else ''} (all in {out / EXPORT_RECORD})",
+                          KdpoWarning, stacklevel=2)
         return report
+
+    def _latest_requests(self, batches: Sequence[str]) -> list[EditRequest]:
+        """The facts `batches` serve: for a prompt edited more than once, its last edit."""
+        latest: dict[str, EditRequest] = {}
+        for batch in batches:
+            for request in self._requests(batch):
+                latest.pop(request.key, None)
+                latest[request.key] = request
+        return list(latest.values())
+
+    def _check_export(self, folder: Path, requests: Sequence[EditRequest], target: str) -> list[str]:
+        """The prompts of `requests` whose target is not every argmax with `folder` on the `target` base."""
+        from peft import PeftModel
+
+        if not requests:
+            return []
+        base = load_model(self.loaded.source, "nf4" if target == "nf4" else "none", str(self.loaded.device))
+        model = base.model.to(torch.bfloat16) if target == "bf16" else base.model
+        served = PeftModel.from_pretrained(model, str(folder)).eval()
+        rows = score_targets(served, self.loaded.tokenizer, [r.prompt for r in requests],
+                             [r.target_new for r in requests])
+        del served, model, base
+        return [r.prompt for r, row in zip(requests, rows) if row["argmax"] != row["target"]]
 
 
 class ProfileRoutes:

@@ -233,8 +233,10 @@ def test_gc_and_rm(stacked):
     ke, _, _ = stacked
     store = ke.store()
     (store.root / ".staging-half").mkdir()
-    (store.root / "orphan").mkdir()
-    assert sorted(store.gc()) == [".staging-half", "orphan"]
+    shutil.copytree(store.batch_dir("b2"), store.root / "orphan")  # complete but never listed
+    (store.root / "my-notes").mkdir()
+    assert store.gc() == {"removed": [".staging-half", "orphan"], "unused": [], "left": ["my-notes"]}
+    assert (store.root / "my-notes").is_dir()
     with pytest.raises(StoreError, match="used by profile"):
         store.remove_batch("b1")
     store.rollback("b1")
