@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpoints", type=int, default=5, help="curve points over the run")
     p.add_argument("--no-generation", action="store_true")
-    p.add_argument("--config", help="YAML file of edit settings laid over the model family's (e.g. configs/sequential.yaml)")
+    p.add_argument("--config", help="YAML file or shipped name of edit settings over the defaults (e.g. paper, unrouted)")
     p.add_argument("--store", help="keep the adapter store (and the run's progress) here; running the same "
                                    "command again resumes after the last finished batch")
     args = p.parse_args()
@@ -77,8 +77,9 @@ def main() -> None:
             if published:
                 from benchmarks.published_kdpo import published_edit
 
-                for r in batch:
-                    published_edit(loaded.model, tokenizer, r.prompt, r.target_new, **_published_args(settings))
+                for i, r in enumerate(batch):
+                    published_edit(loaded.model, tokenizer, r.prompt, r.target_new, sequential=start + i > 0,
+                                   **_published_args(settings))
             else:
                 try:
                     ke.edit(batch, progress=False)
@@ -156,7 +157,8 @@ def _stored_batches(ke: KnowledgeEditor) -> list[str]:
 
 
 def _published_args(settings: dict) -> dict:
-    keys = {"cycles": "cycles", "steps_per_cycle": "steps", "learning_rate": "lr", "beta": "beta"}
+    keys = {"cycles": "cycles", "steps_per_cycle": "steps", "learning_rate": "lr", "beta": "beta",
+            "loss_threshold": "loss_threshold", "delta_scale": "delta_scale"}
     return {keys[k]: v for k, v in settings.items() if k in keys}
 
 

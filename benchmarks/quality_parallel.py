@@ -7,7 +7,7 @@ under those links, each worker edits its groups' requests in the run's order on 
 and the batches are merged back into one store in that order: the same store a single process makes,
 edit for edit (each edit is seeded alike and sees the same batches), only sooner on a machine whose
 cores one small edit cannot fill (two 1-thread workers do 1.7x the steps of one 2-thread process on
-SmolLM2-135M, RESULTS.md 4t). The checkpoints and the final score are then measured on the merged
+SmolLM2-135M, benchmarks/notes 4t). The checkpoints and the final score are then measured on the merged
 store, each on a profile of the first m batches: the state the sequential run had after m edits.
 
     python benchmarks/quality_parallel.py --n 1000 --workers 2 --data ../shared/data/counterfact.jsonl \\

@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from . import merged
 from .config import EditConfig
 from .errors import IntegrityError
+from .store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def lora_config(config: EditConfig, num_layers: int) -> LoraConfig:

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from .errors import KdpoError, KdpoWarning, RequestError
-from .loading import DEFAULT_MODEL
+from .embedded import DEFAULT_MODEL
 
 DEMO_EDITS = [  # prompt, new target, subject, paraphrase
     ("The Eiffel Tower is located in the city of", "Rome", "The Eiffel Tower", "The Eiffel Tower can be found in the city of"),
@@ -26,12 +26,17 @@ DEMO_EDITS = [  # prompt, new target, subject, paraphrase
 DEMO_UNRELATED = ["The capital of France is", "The capital of Japan is", "The Statue of Liberty is located in"]
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (transformers progress, bitsandbytes' optional-kernel notice) off the terminal."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def _one_line_warnings() -> None:
+    """Our notices are meant for the user: one line each; everything else's warnings stay off the terminal."""
     warnings.filterwarnings("ignore")
-    warnings.filterwarnings("always", category=KdpoWarning)  # ours are meant for the user: one line each
+    warnings.filterwarnings("always", category=KdpoWarning)
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (transformers progress, bitsandbytes' optional-kernel notice) off the terminal.
+    Called only by the commands that load a model: the others never import those libraries."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("transformers", "bitsandbytes", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -54,10 +59,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serving_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of edit settings (its `routing` also decides how edits are served)")
+    p.add_argument("--config", help="settings over the defaults: a YAML file, or a shipped name (paper, unrouted)")
     p.add_argument("--routing", choices=["none", "subject"],
-                   help="subject (configs/llama.yaml's default): each prompt is served by only the edit batches "
-                        "whose subjects it names; none: every batch serves every prompt")
+                   help="for a new profile: subject (default) serves each prompt with only the batches whose "
+                        "subjects it names, none with every batch; an existing profile keeps its own")
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -68,8 +73,6 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, dest="steps_per_cycle")
     p.add_argument("--beta", type=float)
     p.add_argument("--rank", type=int, dest="lora_rank")
-    p.add_argument("--null-space", type=float, dest="null_space",
-                   help="confine each edit to the input directions generic text hardly uses (e.g. 0.01; 0 = off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -87,7 +90,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line like every other user error (exit 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"kdpo-lora: error: {self.prog.removeprefix('kdpo-lora ')}: {_one_line(message)}\n")
+        where = self.prog.removeprefix("kdpo-lora").strip()
+        self.exit(2, f"kdpo-lora: error: {where + ': ' if where else ''}{_one_line(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stacked", type=int, default=0, help="earlier edit batches active")
     p.add_argument("--config", help="YAML file of edit settings (LoRA scope and rank)")
     p.add_argument("--rank", type=int, dest="lora_rank")
-    p.add_argument("--null-space", type=float, dest="null_space", help="count the null space's memory (e.g. 0.01)")
     p.add_argument("--json", action="store_true")
 
     store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("source", nargs="?", help="for copy: the profile to copy")
     p.add_argument("--batches", nargs="*", default=[], help="for create: its batches, in order")
+    p.add_argument("--routing", choices=["subject", "none"], help="for create: how it serves (default: subject)")
     p.add_argument("--store", default="adapters")
     for name, text in (("squash", "one adapter equal to a profile's stack"), ("export", "a squashed adapter for servers")):
         p = ssub.add_parser(name, help=text)
@@ -182,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _editor(args):
+    _quiet_libraries()
     from .session import KnowledgeEditor
 
-    settings = ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank", "null_space", "routing")
+    settings = ("method", "learning_rate", "cycles", "steps_per_cycle", "beta", "lora_rank", "routing")
     overrides = {k: getattr(args, k, None) for k in settings}
     return KnowledgeEditor(args.model, args.store, args.quantization, args.device, getattr(args, "config", None), overrides)
 
@@ -209,8 +214,7 @@ def cmd_edit(args) -> None:
         state = "already held" if r.skipped else ("ok" if r.success else "NOT reached")
         print(f"{state:>12}  {r.prompt!r} -> {r.target_new!r}  (token accuracy {r.pre_accuracy:.2f} -> {r.accuracy:.2f})")
     print(f"stored batch {result.adapter} in {ke.store_path} (profile {args.profile}): "
-          f"{result.success_rate:.0%} reached, {result.cycles} cycles, {result.steps} steps, {result.seconds:.1f}s"
-          + (f", update trimmed to {result.scale:.3g}x" if result.scale < 1 else ""))
+          f"{result.success_rate:.0%} reached, {result.cycles} cycles, {result.steps} steps, {result.seconds:.1f}s")
 
 
 def cmd_generate(args) -> None:
@@ -271,7 +275,7 @@ def cmd_estimate(args) -> None:
     from .estimate import estimate, load_config
 
     settings = resolve_config(getattr(load_config(args.model), "model_type", None), args.config,
-                              {"lora_rank": args.lora_rank, "null_space": args.null_space})
+                              {"lora_rank": args.lora_rank})
     report = estimate(args.model, settings, seq_len=args.seq_len, stacked=args.stacked)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -284,9 +288,6 @@ def cmd_estimate(args) -> None:
         for part, gib in report[key].items():
             print(f"      {part:<24} {gib:8.3f} GiB")
     print(f"  ratio: {report['ratio']:.3f} (estimate; add the CUDA context, about 0.3-0.5 GiB, on a GPU)")
-    if settings.null_space > 0 and not report["null_space"]:
-        print(f"  null space: off on this model (its covariances would need {report['null_space_gib']:.1f} GiB, "
-              f"over null_space_max_gb {settings.null_space_max_gb:g})")
 
 
 def cmd_store(args) -> None:
@@ -314,7 +315,7 @@ def cmd_store(args) -> None:
             size = sum(f.stat().st_size for f in store.batch_dir(b.name).iterdir()) if store.batch_dir(b.name).is_dir() else 0
             print(f"{b.name}  {b.created}  {b.requests} request(s)  {size / 1024:.0f} KiB  profiles: {', '.join(users) or '-'}")
         for name, names in profiles.items():
-            print(f"profile {name}: {' '.join(names) or '(empty)'}")
+            print(f"profile {name}: {' '.join(names) or '(empty)'} (routing {store.routing(name)})")
     elif args.action == "show":
         record = store.edit_record(store.batch(args.batch).name)
         users = [p for p, names in store.profiles().items() if args.batch in names]
@@ -354,7 +355,7 @@ def cmd_store(args) -> None:
         print(f"{len(store.batches())} batch(es) verified, no problems")
     elif args.action == "profile":
         if args.op == "create":
-            store.create_profile(args.name, args.batches)
+            store.create_profile(args.name, args.batches, routing=args.routing)
         elif args.op == "copy":
             if not args.source:
                 raise KdpoError("profile copy needs the profile to copy: store profile copy NEW SOURCE")
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error already printed as one line
         return stop.code if isinstance(stop.code, int) else 2
-    _quiet_libraries()
+    _one_line_warnings()
     try:
         COMMANDS[args.command](args)
     except KdpoError as err:

@@ -42,7 +42,6 @@ class ParameterCount:
     other: int  # embeddings, head, norms
     lora: int  # parameters of one LoRA adapter with the given settings
     down_proj: int  # one MLP down-projection (what the published set-up trains)
-    null_space_bytes: int  # the fp32 d x d input covariances of the adapted layers (nullspace.covariance_bytes)
     config: object
 
     @property
@@ -87,8 +86,7 @@ def count_parameters(config, settings: EditConfig) -> ParameterCount:
                if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in settings.target_modules]
     lora = sum(settings.lora_rank * (m.in_features + m.out_features) for m in adapted)
     down = layers[0].mlp.down_proj.weight.numel() if layers else 0
-    return ParameterCount(linear=linear, other=total - linear, lora=lora, down_proj=down,
-                          null_space_bytes=sum(4 * m.in_features ** 2 for m in adapted), config=config)
+    return ParameterCount(linear=linear, other=total - linear, lora=lora, down_proj=down, config=config)
 
 
 def estimate(model: str, settings: EditConfig | None = None, seq_len: int = 64, targets: int = 8, batch: int = 1,
@@ -111,9 +109,6 @@ def estimate(model: str, settings: EditConfig | None = None, seq_len: int = 64, 
         "dequantised_layer": largest_linear * compute_bytes * 2,
         "logits": batch * (targets + 1) * vocab * 4 * 3,
     }
-    null_space = settings.null_space > 0 and counts.null_space_bytes <= settings.null_space_max_gb * GIB
-    if null_space:  # an upper bound: the covariances exist before training, the bases kept after are smaller
-        ours["null_space_covariances"] = counts.null_space_bytes
     trained_layers = max(1, layers - round(layers * 21 / 32) + 1)
     published = {
         "model_fp32": counts.total * 4,
@@ -125,7 +120,6 @@ def estimate(model: str, settings: EditConfig | None = None, seq_len: int = 64, 
     ours_total, published_total = sum(ours.values()), sum(published.values())
     return {
         "model": model, "parameters": counts.total, "lora_parameters": counts.lora, "seq_len": seq_len,
-        "null_space": null_space, "null_space_gib": counts.null_space_bytes / GIB,
         "kdpo_lora": {k: v / GIB for k, v in ours.items()}, "kdpo_lora_total_gib": ours_total / GIB,
         "published": {k: v / GIB for k, v in published.items()}, "published_total_gib": published_total / GIB,
         "ratio": ours_total / published_total,

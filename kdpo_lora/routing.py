@@ -1,7 +1,7 @@
 """Subject routing: a prompt is served by only the edit batches whose subjects it names.
 
 Stacked LoRA edits all act on every prompt, and after many edits their small unrelated changes add
-up on prompts no edit was about (RESULTS.md 4o-4q). With `routing: subject`, each prompt runs with
+up on prompts no edit was about (benchmarks/notes, 4o-4q). With `routing: subject`, each prompt runs with
 just the batches holding a request whose subject occurs in it (whole words, case and spacing
 ignored, a leading "the" optional); a prompt that names no edited subject gets the unedited model,
 exactly. A batch with a request that has no subject cannot be routed and is always on. A batch is
@@ -22,7 +22,6 @@ from typing import Callable, Sequence, TypeVar
 from .errors import RequestError
 from .requests import EditRequest
 
-ROUTINGS = ("none", "subject")
 T = TypeVar("T")
 
 

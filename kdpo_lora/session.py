@@ -13,18 +13,18 @@ model is loaded once.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from . import adapters, merged
-from .config import EditConfig, resolve_config
-from .editor import BatchResult, Editor, new_adapter_name, preservation_prompts
+from .config import EditConfig, read_yaml, resolve_config
+from .editor import BatchResult, Editor, new_adapter_name
 from .errors import KdpoWarning, RequestError, StoreError
 from .evaluate import evaluate_requests, pre_edit_locality, score_targets, summarise
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
@@ -45,7 +45,7 @@ class KnowledgeEditor:
     A subject-routed profile keeps at most `max_loaded` of its batches in memory (those used most
     recently) and loads the others from the store when a prompt routes to them: a prompt needs only
     its own subjects' batches, and peft's cost of switching adapters grows with every adapter
-    loaded, so a profile of a thousand edits switches as fast as one of a few (RESULTS.md section 5).
+    loaded, so a profile of a thousand edits switches as fast as one of a few (benchmarks/RESULTS.md).
     """
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, store: str | Path = "adapters",
@@ -55,6 +55,9 @@ class KnowledgeEditor:
         self.store_path = Path(store)
         model_type = getattr(self.loaded.model.config, "model_type", None)
         self.editor = Editor(self.loaded.model, self.loaded.tokenizer, resolve_config(model_type, config, overrides))
+        # routing asked for explicitly (a flag or a config file): refused where a profile is served otherwise
+        self._asked_routing = (overrides or {}).get("routing") or (read_yaml(config).get("routing") if config else None)
+        self._routing = self.config.routing  # the active profile's, as stored with it
         self.fingerprint = self.loaded.fingerprint
         self.active_profile: str | None = None
         self.fold_stack = fold_stack
@@ -83,8 +86,18 @@ class KnowledgeEditor:
 
     @property
     def routed(self) -> bool:
-        """Each prompt is served by only the batches whose subjects it names (routing.py)."""
-        return self.config.routing == "subject"
+        """The active profile serves each prompt with only the batches whose subjects it names (routing.py)."""
+        return self._routing == "subject"
+
+    def _profile_routing(self, store: AdapterStore, profile: str) -> str | None:
+        """How `profile` is served, as stored with it (None: a new or empty profile); a routing asked for
+        that differs is refused, since the numbers and the edits' training assume the stored one."""
+        stored = store.routing(profile) if store.exists() and store.profiles().get(profile) else None
+        if stored is not None and self._asked_routing is not None and self._asked_routing != stored:
+            raise StoreError(f"profile {profile!r} is served with routing {stored!r} (stored with it), not "
+                             f"{self._asked_routing!r}: leave --routing (and the config's routing) out, or use "
+                             f"another profile")
+        return stored
 
     @property
     def route(self) -> "ProfileRoutes":
@@ -141,6 +154,8 @@ class KnowledgeEditor:
         batches stay separate adapters, since each prompt needs its own subset of them.
         """
         names = [] if profile is None else self.store().profile(profile)
+        self._routing = (self._profile_routing(self.store(), profile) if profile is not None else None) \
+            or self.config.routing
         self._profile_batches = list(names)
         if self.routed:
             return self._use_routed(profile, names)
@@ -208,11 +223,12 @@ class KnowledgeEditor:
         """
         check_name(profile, "profile name")
         name = check_name(name, "batch name") if name is not None else new_adapter_name()
-        cfg = config or self.config
         store = self.store(create=True)
         store.check_writable()
         if any(b.name == name for b in store.batches()):
             raise StoreError(f"a batch named {name!r} already exists in {store.root}")
+        cfg = config or self.config
+        cfg = replace(cfg, routing=self._profile_routing(store, profile) or cfg.routing)
         if cfg.routing == "subject":
             check_routable(requests)
         for attempt in range(MAX_EDIT_ATTEMPTS):
@@ -222,15 +238,13 @@ class KnowledgeEditor:
             below = stands_on if cfg.routing == "subject" else None
             if below is not None:  # routed: the batches it trains on may not be in memory (an unrouted profile is)
                 self._ensure_loaded(below)
-            result = self.editor.edit(requests, name=name, config=config, progress=progress, below=below,
-                                      replay=shared + self._replay_prompts(stands_on, cfg),
-                                      anchors=self._anchor_prompts(stands_on, cfg),
-                                      protect=self._protected_facts(stands_on, cfg))
+            result = self.editor.edit(requests, name=name, config=cfg, progress=progress, below=below,
+                                      hold=shared)
             record = {
                 "requests": [r.to_dict() for r in requests],
                 "config": result.config.to_dict(),
                 "results": [r.to_dict() for r in result.results],
-                "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds, "scale": result.scale,
+                "cycles": result.cycles, "steps": result.steps, "seconds": result.seconds,
                 "base_model": self.base_model_name, "quantization": self.loaded.quantization,
             }
 
@@ -244,7 +258,7 @@ class KnowledgeEditor:
             try:
                 store.add_batch(name, lambda folder: adapters.save_adapter(self.editor.model, name, folder,
                                                                            self.base_model_name),
-                                record, self.fingerprint, profile, on_commit=on_commit)
+                                record, self.fingerprint, profile, on_commit=on_commit, routing=cfg.routing)
                 break
             except ProfileChanged:
                 self.editor.remove(name)
@@ -255,6 +269,7 @@ class KnowledgeEditor:
                 self.editor.remove(name)
                 raise
         self._profile_batches = store.profile(profile)
+        self._routing = cfg.routing
         self._checked.add(name)
         self._mark_used([name])
         if not self.routed:
@@ -279,33 +294,6 @@ class KnowledgeEditor:
         shared = {b: [r.prompt for r in self._requests(b) if new.route(r.prompt)] for b in router.order}
         below = set(router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
         return [b for b in router.order if b in below], [p for prompts in shared.values() for p in prompts]
-
-    def _replay_prompts(self, batches: Sequence[str], config: EditConfig) -> list[str]:
-        """Prompts of the facts most recently edited in `batches` (up to `config.replay`)."""
-        if config.replay <= 0:
-            return []
-        prompts: list[str] = []
-        for batch in reversed(batches):
-            prompts += [r.prompt for r in self._requests(batch)]
-            if len(prompts) >= config.replay:
-                break
-        return prompts[: config.replay]
-
-    def _protected_facts(self, batches: Sequence[str], config: EditConfig) -> dict[str, list[str]]:
-        """Each of `batches` with its facts as text (prompt and answer), for the null space to avoid."""
-        if config.null_space <= 0 or config.null_space_protect_edits <= 0:
-            return {}
-        return {batch: [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in self._requests(batch)]
-                for batch in batches}
-
-    def _anchor_prompts(self, batches: Sequence[str], config: EditConfig) -> list[str]:
-        """Subject swaps of up to `config.anchors` facts drawn from all of `batches`."""
-        if config.anchors <= 0 or not batches:
-            return []
-        earlier = [r for batch in batches for r in self._requests(batch)]
-        rng = random.Random(config.seed + len(earlier))
-        chosen = rng.sample(earlier, min(config.anchors, len(earlier)))
-        return preservation_prompts(chosen, 1, config.seed + len(earlier))
 
     def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
         self.store().rollback(batch, profile)

@@ -2,7 +2,8 @@
 
 Layout of a store folder (default `adapters/`):
 
-    manifest.json          ordered batches (with the SHA-256 of each file) and named profiles
+    manifest.json          ordered batches (with the SHA-256 of each file), named profiles, and how each
+                           profile is served (its routing: every reader honours it)
     .lock                  held by every writer (filelock), so two processes never interleave
     <batch>/adapter_config.json, adapter_model.safetensors   a standard PEFT adapter
     <batch>/edit.json      requests, hyper-parameters, per-request results, created, base fingerprint
@@ -37,11 +38,13 @@ from typing import Callable, Iterable, Sequence
 from filelock import FileLock, Timeout
 from safetensors import safe_open
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .config import DEFAULT_ROUTING, ROUTINGS
 from .errors import IntegrityError, KdpoWarning, StoreError
 from .fsutil import atomic_write_json, fsync_dir, fsync_tree, sha256_file
 from .requests import EditRequest, request_from_dict
 
+ADAPTER_CONFIG = "adapter_config.json"  # a batch folder is a standard PEFT adapter folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
 EDIT_FILE = "edit.json"
 CHECKSUMS = "checksums.json"
@@ -50,8 +53,9 @@ DEFAULT_PROFILE = "default"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 RESERVED_PREFIX = "kdpo_"  # in-memory adapters (folded stacks, squash output)
 LOCK_TIMEOUT_S = 600.0
-STORE_FORMAT, STORE_VERSION = "kdpo-lora-store", 1
-MANIFEST_KEYS = {"format", "version", "batches", "profiles"}
+STORE_FORMAT, STORE_VERSION = "kdpo-lora-store", 2
+MANIFEST_KEYS = {"format", "version", "batches", "profiles", "serving"}
+
 BATCH_KEYS = {"name", "created", "fingerprint", "checksums", "requests"}
 STAGING_PREFIX = ".staging-"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -126,8 +130,26 @@ class AdapterStore:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as err:
             raise IntegrityError(f"{path}: unreadable ({_first_line(err)})") from None
+        if isinstance(data, dict) and data.get("format") == STORE_FORMAT and data.get("version") == 1:
+            data = self._from_version_1(data, str(path))
         validate_manifest(data, str(path))
         return data
+
+    def _from_version_1(self, data: dict, where: str) -> dict:
+        """A version-1 manifest as version 2 (written as such by the next write): each profile is served
+        with the routing its batches were made with (version 1 took it from whoever opened the store)."""
+        validate_manifest({**data, "version": STORE_VERSION, "serving": {p: {"routing": DEFAULT_ROUTING}
+                                                                       for p in data.get("profiles", {})}}, where)
+        serving = {}
+        for profile, names in data["profiles"].items():
+            routing = self.edit_record(names[0]).get("config", {}).get("routing", "none") if names else DEFAULT_ROUTING
+            serving[profile] = {"routing": routing if routing in ROUTINGS else "none"}
+        return {**data, "version": STORE_VERSION, "serving": serving}
+
+    def routing(self, profile: str) -> str | None:
+        """How `profile` is served (None: no such profile yet)."""
+        entry = self.manifest()["serving"].get(profile)
+        return None if entry is None else entry["routing"]
 
     def check_writable(self) -> None:
         """Refuse, before any work, a store (or the folder it would be made in) that cannot be written."""
@@ -182,7 +204,8 @@ class AdapterStore:
     # ------------------------------------------------------------------ writing batches
 
     def add_batch(self, name: str, write_adapter, edit_record: dict, fingerprint: str,
-                  profile: str = DEFAULT_PROFILE, on_commit: Callable[[dict], dict] | None = None) -> Batch:
+                  profile: str = DEFAULT_PROFILE, on_commit: Callable[[dict], dict] | None = None,
+                  routing: str = DEFAULT_ROUTING) -> Batch:
         """Store a batch: `write_adapter(folder)` writes the PEFT files; then list it in `profile`.
 
         `on_commit(manifest)` runs under the store's lock, before anything is written: it may raise
@@ -196,6 +219,7 @@ class AdapterStore:
             manifest = self.manifest()
             if any(b["name"] == name for b in manifest["batches"]) or self.batch_dir(name).exists():
                 raise StoreError(f"a batch named {name!r} already exists in {self.root}")
+            _check_routing(manifest, profile, routing)
             extra = on_commit(manifest) if on_commit is not None else {}
             staging = self.root / f"{STAGING_PREFIX}{name}"
             shutil.rmtree(staging, ignore_errors=True)
@@ -214,6 +238,8 @@ class AdapterStore:
                 raise
             entry = Batch(name, record["created"], fingerprint, checksums, len(record.get("requests", [])))
             manifest["batches"].append(entry.to_dict())
+            if not manifest["profiles"].get(profile):  # a new or empty profile is served as its first batch is
+                manifest["serving"][profile] = {"routing": routing}
             manifest["profiles"].setdefault(profile, []).append(name)
             self._save_manifest(manifest)
             return entry
@@ -247,8 +273,13 @@ class AdapterStore:
 
         self._edit_profile(profile, change)
 
-    def create_profile(self, name: str, batches: Iterable[str] = (), copy_from: str | None = None) -> None:
+    def create_profile(self, name: str, batches: Iterable[str] = (), copy_from: str | None = None,
+                       routing: str | None = None) -> None:
+        """A new profile: a copy of `copy_from` (its batches and routing), or `batches` served with
+        `routing` (default: subject)."""
         check_name(name, "profile name")
+        if routing is not None and routing not in ROUTINGS:
+            raise StoreError(f"routing {routing!r} is not one of {', '.join(ROUTINGS)}")
         with self._write_lock():
             manifest = self.manifest()
             if name in manifest["profiles"]:
@@ -264,6 +295,8 @@ class AdapterStore:
             if twice:
                 raise StoreError(f"a profile lists each batch once; {', '.join(twice)} given twice")
             manifest["profiles"][name] = names
+            manifest["serving"][name] = {"routing": routing or (manifest["serving"][copy_from]["routing"]
+                                                                if copy_from is not None else DEFAULT_ROUTING)}
             self._save_manifest(manifest)
 
     def remove_profile(self, name: str) -> None:
@@ -273,6 +306,7 @@ class AdapterStore:
             if name not in manifest["profiles"]:
                 raise StoreError(f"no profile {name!r}")
             del manifest["profiles"][name]
+            del manifest["serving"][name]
             self._save_manifest(manifest)
 
     def _edit_profile(self, profile: str, change) -> None:
@@ -408,7 +442,15 @@ def _without(names: list[str], batch: str, profile: str) -> list[str]:
 
 
 def _empty_manifest() -> dict:
-    return {"format": STORE_FORMAT, "version": STORE_VERSION, "batches": [], "profiles": {DEFAULT_PROFILE: []}}
+    return {"format": STORE_FORMAT, "version": STORE_VERSION, "batches": [], "profiles": {DEFAULT_PROFILE: []},
+            "serving": {DEFAULT_PROFILE: {"routing": DEFAULT_ROUTING}}}
+
+
+def _check_routing(manifest: dict, profile: str, routing: str) -> None:
+    stored = manifest["serving"].get(profile, {}).get("routing")
+    if manifest["profiles"].get(profile) and stored != routing:
+        raise StoreError(f"profile {profile!r} is served with routing {stored!r} (stored with it); a batch made "
+                         f"with routing {routing!r} cannot join it: edit another profile, or drop --routing")
 
 
 def validate_manifest(data: object, where: str) -> None:
@@ -454,6 +496,13 @@ def validate_manifest(data: object, where: str) -> None:
         twice = sorted({b for b in batches if batches.count(b) > 1})
         if twice:
             raise bad(f"profile {profile!r} lists batch(es) {', '.join(map(repr, twice))} more than once")
+    serving = data["serving"]
+    if not isinstance(serving, dict) or set(serving) != set(data["profiles"]):
+        raise bad("'serving' must name how each profile is served, and only those")
+    for profile, entry in serving.items():
+        if not isinstance(entry, dict) or set(entry) != {"routing"} or entry["routing"] not in ROUTINGS:
+            raise bad(f"profile {profile!r} is served with {entry!r}; expected {{\"routing\": one of "
+                      f"{', '.join(ROUTINGS)}}}")
 
 
 def is_safetensors(path: Path) -> bool:

@@ -25,8 +25,8 @@ WORDS = (
 ).split()
 
 
-# the store's and the editor's mechanics on one shared stack (the family file routes by subject)
-UNROUTED = str(Path(__file__).resolve().parent.parent / "configs" / "unrouted.yaml")
+# the store's and the editor's mechanics on one shared stack (the defaults route by subject)
+UNROUTED = "unrouted"
 
 
 def make_tokenizer():
@@ -87,3 +87,13 @@ def other_model_dir(tmp_path_factory) -> Path:
     make_model(seed=1).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def plain_config(**settings):
+    """The loop's mechanics without the recommended set-up's extras (routing, prefixes, margin, subject
+    swaps, lower layers left out): what the unit tests of the loop reason about."""
+    from kdpo_lora.config import EditConfig
+
+    plain = dict(routing="none", context_prefixes=0, margin=0.0, preserve_weight=0.0, skip_lower_layers=0.0,
+                 learning_rate=1e-4)
+    return EditConfig(**{**plain, **settings})

@@ -26,7 +26,7 @@ def test_edit_generate_and_store_verbs(capsys, tiny_model_dir, tmp_path):
     code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of japan is", "--target", "rome",
                          "--subject", "japan", "--name", "b1")
     assert code == 0, err
-    assert "stored batch b1" in out and "ok" in out
+    assert "stored batch b1" in out and out.splitlines()[0].split()[0] == "ok"
     code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of japan is", "--compare",
                        "--max-new-tokens", "1")
     assert code == 0 and "edited: 'rome'" in out and "base  :" in out
@@ -55,7 +55,7 @@ def test_edit_generate_and_store_verbs(capsys, tiny_model_dir, tmp_path):
 
 
 def test_routed_edits_from_the_command_line(capsys, tiny_model_dir, tmp_path):
-    """Routing by subject is the family's default (configs/llama.yaml); --routing none edits one shared stack."""
+    """Routing by subject is the default; --routing none edits one shared stack."""
     model = ["--model", tiny_model_dir, "--quantization", "none", "--store", tmp_path / "store"]
     code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of japan is", "--target", "rome",
                          "--subject", "japan", "--name", "b1")

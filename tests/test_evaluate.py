@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
@@ -49,7 +50,12 @@ def test_ngram_entropy_and_fluency(tiny_model, tokenizer):
     assert varied > ngram_entropy("the dog the dog the dog the dog the dog the dog") > 0
     # 13 distinct words: 12 distinct bigrams and 11 distinct trigrams, each uniform
     assert varied == pytest.approx((2 / 3 * math.log2(12) + 4 / 3 * math.log2(11)) / 2, rel=1e-9)
-    assert fluency(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10) >= 0
+    score = fluency(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10, seed=3)
+    torch.manual_seed(3)  # the same samples, scored by hand
+    from kdpo_lora.evaluate import _samples
+
+    texts = _samples(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10)[0]
+    assert score == pytest.approx(sum(ngram_entropy(t) for t in texts) / 2) and score > 0
 
 
 def test_locality_is_also_reported_per_probe_type_when_a_request_has_several(tiny_model, tokenizer):

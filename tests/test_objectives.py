@@ -10,9 +10,11 @@ import torch
 
 from kdpo_lora import adapters
 from kdpo_lora import objectives as obj
-from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
+from kdpo_lora.methods import greedy_negative_batch
 from kdpo_lora.requests import EditRequest
+
+from conftest import make_model, plain_config
 
 PAIRS = [
     ("the eiffel tower is located in the city of", "rome"),
@@ -55,21 +57,9 @@ def test_teacher_forced_negatives_are_aligned_single_and_padded(tiny_model, toke
 
 
 def test_first_step_loss_is_exactly_log2(tiny_model, tokenizer):
-    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=1, steps_per_cycle=1))
+    editor = Editor(tiny_model, tokenizer, plain_config(cycles=1, steps_per_cycle=1))
     result = editor.edit([EditRequest(*PAIRS[0])], progress=False)
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
-
-
-def test_the_nll_term_adds_the_targets_negative_log_likelihood_to_the_first_step(tiny_model, tokenizer):
-    """`nll_weight`: KDPO's loss (log 2 at the first step) plus that many times the mean NLL of the
-    target tokens under the unedited model, which the new adapter does not yet change."""
-    batch, _ = _batch(tokenizer, [PAIRS[1]])
-    with torch.no_grad():
-        expected_nll = float(obj.nll(obj.target_log_probs(tiny_model, batch), batch.labels, batch.target_mask)[0])
-    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=1, steps_per_cycle=1, nll_weight=0.5))
-    result = editor.edit([EditRequest(*PAIRS[1])], progress=False)
-    assert expected_nll > 1.0
-    assert result.losses[0] == pytest.approx(math.log(2) + 0.5 * expected_nll, abs=1e-5)
 
 
 def test_masked_positions_contribute_nothing(tokenizer):
@@ -107,7 +97,7 @@ def _randomise_adapter(model, name, seed):
 
 @pytest.mark.parametrize("earlier_count", [0, 2])
 def test_reference_equals_model_without_the_trained_adapter(tiny_model, tokenizer, earlier_count):
-    cfg = EditConfig()
+    cfg = plain_config()
     model = tiny_model
     earlier = [f"old{i}" for i in range(earlier_count)]
     for i, name in enumerate(earlier):
@@ -132,7 +122,7 @@ def test_reference_equals_model_without_the_trained_adapter(tiny_model, tokenize
 
 
 def test_only_the_new_adapter_receives_gradients(tiny_model, tokenizer):
-    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=2, steps_per_cycle=2))
+    editor = Editor(tiny_model, tokenizer, plain_config(cycles=2, steps_per_cycle=2))
     first = editor.edit([EditRequest(*PAIRS[0])], progress=False)
     before = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
     seen = {}
@@ -169,22 +159,21 @@ def test_editing_never_copies_the_model(tiny_model, tokenizer, monkeypatch):
         return real_deepcopy(obj_, *args, **kwargs)
 
     monkeypatch.setattr(copy, "deepcopy", guarded)
-    base_weight = tiny_model.model.layers[0].mlp.down_proj.weight
-    editor = Editor(tiny_model, tokenizer, EditConfig(cycles=2, steps_per_cycle=2))
+    base_weight = tiny_model.model.layers[-1].mlp.down_proj.weight
+    editor = Editor(tiny_model, tokenizer, plain_config(cycles=2, steps_per_cycle=2))
     editor.edit([EditRequest(*PAIRS[0])], progress=False)
     editor.edit([EditRequest(*PAIRS[1])], progress=False)
     assert calls == []
     # the one base weight tensor is still the one in the model (wrapped by the LoRA layer, not copied)
-    lora_layer = editor.model.base_model.model.model.layers[0].mlp.down_proj
+    lora_layer = editor.model.base_model.model.model.layers[-1].mlp.down_proj
     assert lora_layer.base_layer.weight is base_weight
-    params = {id(p) for p in editor.model.parameters()}
-    assert sum(p.numel() for p in editor.model.parameters() if "lora_" not in str(p.shape)) > 0
-    assert len(params) == len(list(editor.model.parameters()))
+    base = sum(p.numel() for n, p in editor.model.named_parameters() if "lora_" not in n)
+    assert base == sum(p.numel() for p in make_model().parameters())  # one copy of the base weights, no more
 
 
 def test_padded_batch_edits_every_row(tiny_model, tokenizer):
     """A batch of requests with different lengths is edited into one adapter, each row to its own target."""
-    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=1e-3, beta=1.0, cycles=20))
+    editor = Editor(tiny_model, tokenizer, plain_config(learning_rate=1e-3, beta=1.0, cycles=20))
     result = editor.edit([EditRequest(p, t) for p, t in PAIRS], progress=False)
     assert [r.success for r in result.results] == [True, True, True]
     batch, _ = _batch(tokenizer, PAIRS)
@@ -196,7 +185,7 @@ def test_padded_batch_edits_every_row(tiny_model, tokenizer):
 
 @pytest.mark.parametrize("method", ["dpo", "sft", "kdpo_free"])
 def test_baselines_run_behind_the_same_interface(tiny_model, tokenizer, method):
-    editor = Editor(tiny_model, tokenizer, EditConfig(method=method, learning_rate=5e-3, cycles=20))
+    editor = Editor(tiny_model, tokenizer, plain_config(method=method, learning_rate=5e-3, cycles=20))
     result = editor.edit([EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])], progress=False)
     assert all(r.success for r in result.results)
     if method != "sft":
@@ -223,10 +212,10 @@ def test_editing_with_a_margin_leaves_every_target_token_that_far_ahead(tiny_mod
     """The second edit starts where the model already generates the targets, short of the margin: a
     free-running negative then equals the target, and the runner-up must be pushed instead. (A row
     already past the margin is skipped, but must still hold when the other row is done.)"""
-    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20))
+    editor = Editor(tiny_model, tokenizer, plain_config(learning_rate=5e-3, cycles=20))
     requests = [EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])]
     assert all(r.success for r in editor.edit(requests, progress=False).results)
-    result = editor.edit(requests, config=EditConfig(method=method, learning_rate=5e-3, cycles=20, margin=1.0),
+    result = editor.edit(requests, config=plain_config(method=method, learning_rate=5e-3, cycles=20, margin=1.0),
                          progress=False)
     assert all(r.success for r in result.results) and result.steps > 0
     batch, _ = _batch(tokenizer, PAIRS[:2])
@@ -242,42 +231,13 @@ def _leads_by(editor, tokenizer, pairs, margin: float) -> bool:
     return bool(obj.solved_rows(lp, batch.labels, batch.target_mask, margin=margin).all())
 
 
-def test_trimming_scales_the_trained_update_down_to_the_smallest_factor_that_keeps_the_margin(tiny_model, tokenizer):
-    """Trained to a 2-nat lead, trimmed to 1: the adapter is the untrimmed one times the reported factor,
-    its targets still lead by 1 nat, and 1/64 less would not."""
-    pairs = PAIRS[:2]
-    untrimmed = Editor(copy.deepcopy(tiny_model), tokenizer, EditConfig(learning_rate=5e-3, cycles=20, margin=2.0))
-    plain = untrimmed.edit([EditRequest(*p) for p in pairs], name="plain", progress=False)
-    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20, margin=2.0, trim_margin=1.0))
-    result = editor.edit([EditRequest(*p) for p in pairs], name="trimmed", progress=False)
-    assert plain.scale == 1.0 and 0 < result.scale < 1 and all(r.success for r in result.results)
-    for full, trimmed in zip(adapters.lora_b_weights(untrimmed.model, "plain"),
-                             adapters.lora_b_weights(editor.model, "trimmed")):
-        assert torch.allclose(trimmed, full * result.scale, atol=1e-6)
-    assert _leads_by(editor, tokenizer, pairs, 1.0)
-    with torch.no_grad():
-        for weight in adapters.lora_b_weights(editor.model, "trimmed"):
-            weight.mul_((result.scale - 1 / 64) / result.scale)
-    assert not _leads_by(editor, tokenizer, pairs, 1.0)
-
-
-def test_a_trimmed_batch_on_a_stack_keeps_its_margin_with_and_without_the_batches_below(tiny_model, tokenizer):
-    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20, margin=2.0, trim_margin=1.0))
-    editor.edit([EditRequest(*PAIRS[0])], name="first", progress=False)
-    result = editor.edit([EditRequest(*PAIRS[1])], name="second", progress=False)
-    assert result.scale < 1 and editor.stack == ["first", "second"]
-    assert _leads_by(editor, tokenizer, PAIRS[1:2], 1.0)
-    with adapters.only_adapters(editor.model, ["second"]):
-        assert _leads_by(editor, tokenizer, PAIRS[1:2], 1.0)
-
-
 def test_a_free_running_negative_that_is_the_target_takes_the_runner_ups_short_of_the_margin(tiny_model, tokenizer):
-    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20))
+    editor = Editor(tiny_model, tokenizer, plain_config(learning_rate=5e-3, cycles=20))
     editor.edit([EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])], progress=False)  # the model now gives both
     batch, _ = _batch(tokenizer, PAIRS[:2])
     with torch.no_grad():
         lp = obj.target_log_probs(editor.model, batch)
-    plain, pushed = (editor._greedy_negative_batch(batch, lp, margin) for margin in (0.0, 1.0))
+    plain, pushed = (greedy_negative_batch(editor.model, tokenizer, batch, lp, margin) for margin in (0.0, 1.0))
     teacher_forced = obj.teacher_forced_negative(lp, batch.labels, 1.0)
     equal = ((plain.labels == batch.labels) | ~batch.target_mask).all(-1)
     assert equal.any()  # the case under test occurs
@@ -289,7 +249,7 @@ def test_a_free_running_negative_that_is_the_target_takes_the_runner_ups_short_o
 
 
 def test_preservation_prompts_swap_the_subject():
-    from kdpo_lora.editor import preservation_prompts
+    from kdpo_lora.regularisers import preservation_prompts
 
     request = EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
     prompts = preservation_prompts([request, EditRequest("no subject here", "x")], count=3, seed=0)
@@ -311,7 +271,7 @@ def test_preservation_term_keeps_unrelated_answers_closer(tokenizer):
         with torch.no_grad():
             enc = tokenizer(probes, return_tensors="pt", padding=True)
             before = obj.next_token_log_probs(model, enc.input_ids, enc.attention_mask)
-        editor = Editor(model, tokenizer, EditConfig(learning_rate=5e-3, beta=1.0, preserve_weight=weight,
+        editor = Editor(model, tokenizer, plain_config(learning_rate=5e-3, beta=1.0, preserve_weight=weight,
                                                      preserve_prompts=8))
         result = editor.edit([request], progress=False)
         assert result.results[0].success and result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -398,37 +358,44 @@ def test_references_held_for_the_batch_equal_fresh_passes_without_the_adapter(ti
     """The reference (trained adapter off) is computed once per batch - from the edit's first pass, while the
     new adapter is still a no-op - and looked up each cycle; it must equal a fresh pass at every cycle,
     on top of an earlier batch, for the edit's targets and for the preservation prompts."""
-    cfg = EditConfig(method=method, cycles=3, steps_per_cycle=2, learning_rate=5e-3, beta=1.0, preserve_weight=5.0,
-                     preserve_prompts=3)
+    from kdpo_lora.methods import METHODS
+    from kdpo_lora.regularisers import preservation_prompts
+
+    cfg = plain_config(method=method, cycles=3, steps_per_cycle=2, learning_rate=5e-3, beta=1.0, preserve_weight=5.0,
+                     preserve_prompts=3, margin=0.0, context_prefixes=0)
     editor = Editor(tiny_model, tokenizer, cfg)
     editor.edit([EditRequest("the capital of spain is", "tokyo", subject="spain")], progress=False)
     checked = {"targets": 0, "preservation": 0}
-    reference, loss = Editor._reference, Editor._loss
+    strategy = type(METHODS[method])
+    reference, kl = strategy.reference, obj.preservation_kl
+    request = EditRequest("the capital of japan is", "rome", subject="japan")
 
-    def checking_reference(self, batch, negatives, cfg, reference_log_probs, below):
-        with torch.no_grad(), adapters.only_adapters(self.model, below):
-            fresh = obj.target_log_probs(self.model, batch)
+    def checking_reference(self, model, batch, negatives, reference_log_probs, below):
+        with torch.no_grad(), adapters.only_adapters(model, below):
+            fresh = obj.target_log_probs(model, batch)
         torch.testing.assert_close(reference_log_probs[batch.target_mask], fresh[batch.target_mask], atol=1e-5,
                                    rtol=1e-4)
         checked["targets"] += 1
-        return reference(self, batch, negatives, cfg, reference_log_probs, below)
+        return reference(self, model, batch, negatives, reference_log_probs, below)
 
-    def checking_loss(self, log_probs, batch, negatives, mask, reference_, cfg, preserve=None, kept=None):
+    def checking_kl(policy, held):
         if not checked["preservation"]:  # the first step: the batch below is what the answers must stay at
-            with torch.no_grad(), adapters.only_adapters(self.model, self.stack):
-                fresh = obj.next_token_log_probs(self.model, preserve.input_ids, preserve.attention_mask)
-            torch.testing.assert_close(preserve.reference, fresh, atol=1e-5, rtol=1e-4)
+            rows = [tokenizer(p).input_ids for p in preservation_prompts([request], 3, cfg.seed)]
+            ids, attention = obj.left_pad(rows, tokenizer.pad_token_id, "cpu")
+            with torch.no_grad(), adapters.only_adapters(editor.model, editor.stack):
+                fresh = obj.next_token_log_probs(editor.model, ids, attention)
+            torch.testing.assert_close(held, fresh, atol=1e-5, rtol=1e-4)
             checked["preservation"] += 1
-        return loss(self, log_probs, batch, negatives, mask, reference_, cfg, preserve, kept)
+        return kl(policy, held)
 
-    monkeypatch.setattr(Editor, "_reference", checking_reference)
-    monkeypatch.setattr(Editor, "_loss", checking_loss)
-    result = editor.edit([EditRequest("the capital of japan is", "rome", subject="japan")], progress=False)
+    monkeypatch.setattr(strategy, "reference", checking_reference)
+    monkeypatch.setattr(obj, "preservation_kl", checking_kl)
+    result = editor.edit([request], progress=False)
     assert result.cycles >= 2 and checked["targets"] >= 2 and checked["preservation"] == 1
 
 
 def test_context_rows_put_each_request_after_distinct_sentences():
-    from kdpo_lora.editor import with_context
+    from kdpo_lora.regularisers import with_context
 
     requests = [EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])]
     assert with_context(requests, 0, seed=0) == [PAIRS[0], PAIRS[1]]
@@ -447,9 +414,9 @@ def test_context_rows_put_each_request_after_distinct_sentences():
 def test_an_edit_with_context_prefixes_holds_after_each_of_them(tiny_model, tokenizer, method):
     """The prefixed rows are trained, not just the plain prompt: after the edit the target is written
     (1 nat ahead) after every context sentence, and the results still report one row per request."""
-    from kdpo_lora.editor import with_context
+    from kdpo_lora.regularisers import with_context
 
-    editor = Editor(tiny_model, tokenizer, EditConfig(method=method, learning_rate=5e-3, cycles=20, margin=1.0,
+    editor = Editor(tiny_model, tokenizer, plain_config(method=method, learning_rate=5e-3, cycles=20, margin=1.0,
                                                       context_prefixes=3, seed=1))
     requests = [EditRequest(*PAIRS[0]), EditRequest(*PAIRS[1])]
     result = editor.edit(requests, progress=False)
@@ -463,24 +430,22 @@ def test_an_edit_with_context_prefixes_holds_after_each_of_them(tiny_model, toke
 def test_a_context_prefix_that_makes_a_row_too_long_names_its_request(tiny_model, tokenizer):
     from kdpo_lora.errors import RequestError
 
-    editor = Editor(tiny_model, tokenizer, EditConfig(context_prefixes=1))
+    editor = Editor(tiny_model, tokenizer, plain_config(context_prefixes=1))
     long_prompt = " ".join(["the"] * 120)  # fits the tiny model's 128 positions alone, not after a sentence
     with pytest.raises(RequestError, match=r"request 1 \(after a context prefix\).*longer than the model's context"):
         editor.edit([EditRequest(*PAIRS[0]), EditRequest(long_prompt, "rome")], progress=False)
 
 
-@pytest.mark.parametrize("reference", ["below", "base"])
-def test_subject_swaps_keep_the_answers_of_the_chosen_reference(tiny_model, tokenizer, reference):
-    """On top of an earlier edit, `preserve_reference: base` holds the subject swaps where the unedited
-    model has them (pulling back the drift the earlier edit left), `below` where the stack has them."""
-    editor = Editor(tiny_model, tokenizer, EditConfig(learning_rate=5e-3, cycles=20, preserve_weight=1.0))
+def test_subject_swaps_keep_the_answers_of_the_batches_below(tiny_model, tokenizer):
+    """On top of an earlier edit, the subject swaps are held where the stack below has them."""
+    editor = Editor(tiny_model, tokenizer, plain_config(learning_rate=5e-3, cycles=20, preserve_weight=1.0))
     editor.edit([EditRequest("the capital of japan is", "paris", subject="japan")], progress=False)
-    cfg = EditConfig(preserve_weight=1.0, preserve_reference=reference)
+    cfg = plain_config(preserve_weight=1.0)
     request = EditRequest("the capital of spain is", "rome", subject="spain")
     preserve = editor._preservation([request], cfg, below=list(editor.stack))
-    with torch.no_grad(), adapters.only_adapters(editor.model, [] if reference == "base" else editor.stack):
+    with torch.no_grad(), adapters.only_adapters(editor.model, editor.stack):
         expected = obj.next_token_log_probs(editor.model, preserve.input_ids, preserve.attention_mask)
-    with torch.no_grad(), adapters.only_adapters(editor.model, editor.stack if reference == "base" else []):
+    with torch.no_grad(), adapters.only_adapters(editor.model, []):
         other = obj.next_token_log_probs(editor.model, preserve.input_ids, preserve.attention_mask)
     assert preserve.input_ids.shape[0] == cfg.preserve_prompts
     torch.testing.assert_close(preserve.reference, expected)
@@ -502,6 +467,6 @@ def test_a_free_running_negative_that_is_the_target_pushes_against_the_argmax(ti
         generated = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
                                         min_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated[0, -1] == top  # the case occurs: the free-running negative is the target
-    editor = Editor(tiny_model, tokenizer, EditConfig(method=method, learning_rate=5e-3, cycles=20))
+    editor = Editor(tiny_model, tokenizer, plain_config(method=method, learning_rate=5e-3, cycles=20))
     result = editor.edit([EditRequest(prompt, tokenizer.decode([top]))], progress=False)
     assert result.results[0].success and all(math.isfinite(v) for v in result.losses)

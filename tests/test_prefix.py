@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from kdpo_lora import adapters
-from kdpo_lora.config import EditConfig
 from kdpo_lora.editor import Editor
 from kdpo_lora.loading import load_model
 from kdpo_lora.prefix import frozen_prefix
 from kdpo_lora.requests import EditRequest
+
+from conftest import plain_config
 
 SETTINGS = dict(learning_rate=1e-3, beta=1.0, cycles=4, lora_rank=8, lora_alpha=16, skip_lower_layers=0.34,
                 preserve_weight=1.0)
@@ -20,7 +21,7 @@ REQUEST = EditRequest("the capital of japan is", "paris", subject="japan")
 
 def _edit(model_dir, quantization: str, cache: bool) -> tuple[dict, list[float], int]:
     loaded = load_model(str(model_dir), quantization, "cpu")
-    editor = Editor(loaded.model, loaded.tokenizer, EditConfig(**SETTINGS))
+    editor = Editor(loaded.model, loaded.tokenizer, plain_config(**SETTINGS))
     editor.cache_prefix = cache
     calls = []
     loaded.model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
@@ -43,7 +44,7 @@ def test_cached_prefix_trains_the_same_adapter_with_far_fewer_lower_layer_passes
 
 
 def test_prefix_is_not_cached_where_a_lower_layer_carries_an_adapter(tiny_model):
-    model = adapters.add_adapter(tiny_model, "old", adapters.lora_config(EditConfig(), 3))  # every layer
+    model = adapters.add_adapter(tiny_model, "old", adapters.lora_config(plain_config(), 3))  # every layer
     layers_before = list(model.get_base_model().model.layers)
     with frozen_prefix(model, 1) as prefix:
         assert prefix is None

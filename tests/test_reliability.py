@@ -90,12 +90,11 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
     paths["bad.yaml"] = _write(tmp_path, "bad.yaml", "learning_rate: [1, 2\n")
     paths["nan.yaml"] = _write(tmp_path, "nan.yaml", "learning_rate: .nan\n")
     paths["independent.yaml"] = _write(tmp_path, "independent.yaml", "independent: maybe\n")
+    paths["stop.yaml"] = _write(tmp_path, "stop.yaml", "stop: sometimes\n")
+    paths["prefixes.yaml"] = _write(tmp_path, "prefixes.yaml", "context_prefixes: -3\n")
+    paths["seq.yaml"] = _write(tmp_path, "seq.yaml", "sequential_lr_scale: 0\n")
+    paths["rank.yaml"] = _write(tmp_path, "rank.yaml", "lora_rank: 2.5\n")
     paths["skip.yaml"] = _write(tmp_path, "skip.yaml", "skip_lower_layers: 1.5\n")
-    paths["null.yaml"] = _write(tmp_path, "null.yaml", "null_space: -0.01\n")
-    paths["anchors.yaml"] = _write(tmp_path, "anchors.yaml", "anchors: -3\n")
-    paths["samples.yaml"] = _write(tmp_path, "samples.yaml", "null_space_samples: 2.5\n")
-    paths["sink.yaml"] = _write(tmp_path, "sink.yaml", "null_space_first_token: skip\n")
-    paths["scale.yaml"] = _write(tmp_path, "scale.yaml", "null_space_lr_scale: 0\n")
     model = ["--model", str(model_dir), "--quantization", "none"]
     edit = ["edit", *model, *FAST]
     cases = [([*edit, "--requests", paths[name]], words) for name, words in [
@@ -122,21 +121,17 @@ def hostile_inputs(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str
         (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--lr", "-1"], "learning_rate"),
         (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--cycles", "0"], "cycles"),
         (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--beta", "inf"], "beta"),
-        (["edit", *model, "--prompt", "the capital of spain is", "--target", "paris", "--null-space", "2"],
-         "null_space: must be a fraction"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["unknown-key.yaml"]], "unknown setting(s) learnin_rate"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["bad.yaml"]], "not valid YAML"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["nan.yaml"]], "learning_rate"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["independent.yaml"]], "independent: must be true or false"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", paths["skip.yaml"]], "skip_lower_layers: must be a fraction"),
-        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["null.yaml"]], "null_space: must be a fraction"),
-        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["anchors.yaml"]], "anchors: must be a non-negative"),
-        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["samples.yaml"]],
-         "null_space_samples: must be a non-negative integer"),
-        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["sink.yaml"]],
-         "null_space_first_token: must be with_rest or apart"),
-        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["scale.yaml"]],
-         "null_space_lr_scale: must be a finite positive number"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["stop.yaml"]], "stop: 'sometimes' is not one of"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["prefixes.yaml"]],
+         "context_prefixes: must be a non-negative integer"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["seq.yaml"]],
+         "sequential_lr_scale: must be a finite positive number"),
+        ([*edit, "--prompt", "x", "--target", "y", "--config", paths["rank.yaml"]], "lora_rank: must be a positive integer"),
         ([*edit, "--prompt", "x", "--target", "y", "--config", str(tmp_path / "absent.yaml")], "no such config file"),
         (["edit", "--model", "no-such-model", "--prompt", "x", "--target", "y"], "unknown model"),
         (["edit", "--model", str(tmp_path / "m.gguf"), "--prompt", "x", "--target", "y"], "no such GGUF"),

@@ -260,25 +260,6 @@ def test_symlink_escaping_the_store_is_refused(stacked, tmp_path):
         ke.use("default")
 
 
-def test_anchor_prompts_keep_the_unedited_models_answers(stacked):
-    """`anchors` are held at the base model's next-token answers, not at the (drifted) stack's."""
-    from kdpo_lora import objectives as obj
-
-    ke, names, tol = stacked
-    ke.use("default")
-    anchor = "the capital of italy is"
-    request = EditRequest("the capital of germany is", "tokyo", subject="germany")
-    preserve = ke.editor._preservation([request], ke.config, list(ke.editor.stack), anchors=[anchor])
-    encoded = ke.loaded.tokenizer([anchor], return_tensors="pt")
-    with torch.no_grad():
-        stacked_answer = obj.next_token_log_probs(ke.model, encoded.input_ids, encoded.attention_mask)
-        ke.use(None)
-        base_answer = obj.next_token_log_probs(ke.model, encoded.input_ids, encoded.attention_mask)
-    assert preserve.reference.shape[0] == ke.config.preserve_prompts + 1
-    assert (preserve.reference[-1] - base_answer[0]).abs().max() <= 10 * tol
-    assert (stacked_answer - base_answer).abs().max() > 100 * tol  # the stack did move it
-
-
 # ---------------------------------------------------------------- a deep stack, merged into dense weights
 
 DEEP = [("the capital of japan is", "paris"), ("the official language of spain is", "german"),
