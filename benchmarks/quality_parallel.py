@@ -235,7 +235,7 @@ def _request_indices(ke: KnowledgeEditor, names: list[str], requests: list[EditR
         where.setdefault((r.prompt, r.target_new), []).append(i)
     out = []
     for name in names:
-        (request,) = ke._requests(name)
+        (request,) = ke.active.requests(name)
         out.append(where[request.prompt, request.target_new].pop())
     return out
 

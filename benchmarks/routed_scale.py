@@ -60,7 +60,7 @@ def measure(ke: KnowledgeEditor, size: int, prompts: list[str]) -> dict:
     started = time.perf_counter()
     names = ke.use(DEFAULT_PROFILE)
     if ke.max_loaded >= size:  # every batch in memory, as a routed profile was held before max_loaded
-        ke._ensure_loaded(names)
+        ke.active.ensure_loaded(names)
     loading = time.perf_counter() - started
     started = time.perf_counter()
     score_targets(ke.model, ke.loaded.tokenizer, prompts, ["Rome"] * len(prompts), ke.route)

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, dest="lora_rank")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: every profile of the store is a model")
+    _model_args(p)
+    p.add_argument("--profiles", help="serve only these profiles (comma-separated; default: all)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--admin-token-file", help="enables the admin API (/admin/...), which needs this file's token")
+
     store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
     ssub = store.add_subparsers(dest="action", required=True)
     for name, text in (("ls", "list batches and profiles"), ("verify", "check the manifest, hashes and files")):
@@ -227,7 +234,9 @@ def cmd_generate(args) -> None:
         AdapterStore(args.store).profile(args.profile)  # a missing store or profile is an error, before loading
     ke = _editor(args)
     edited = None if args.no_edits else ke.generate(args.prompt, args.profile, args.max_new_tokens)
-    routes = [ke.route(p) for p in args.prompt] if edited is not None and ke.router is not None else None
+    # which batches served each prompt: routed, those naming its subject; unrouted, the whole profile
+    routes = None if edited is None else [ke.route(p) if ke.router is not None else ke.active.batches
+                                          for p in args.prompt]
     base = ke.generate(args.prompt, None, args.max_new_tokens) if (args.no_edits or args.compare) else None
     for i, prompt in enumerate(args.prompt):
         print(prompt)
@@ -365,7 +374,30 @@ def cmd_store(args) -> None:
         print(f"profile {args.op}: {args.name}")
 
 
-COMMANDS = {"edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store,
+def cmd_serve(args) -> None:
+    token = None
+    if args.admin_token_file:
+        try:
+            token = Path(args.admin_token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise KdpoError(f"cannot read the admin token file {args.admin_token_file}: {err}") from None
+        if len(token) < 16:
+            raise KdpoError(f"the admin token in {args.admin_token_file} is shorter than 16 characters")
+    _quiet_libraries()
+    from .server import Admin, Engine, serve
+    from .session import KnowledgeEditor
+
+    def editor() -> KnowledgeEditor:
+        return KnowledgeEditor(args.model, args.store, args.quantization, args.device)
+
+    engine = Engine(editor(), args.profiles.split(",") if args.profiles else None)
+    admin = Admin(engine, token, editor) if token else None
+    print(f"serving {', '.join(engine.models())} of {args.store} on http://{args.host}:{args.port}/v1"
+          f"{'; admin API on' if admin else '; admin API off (no --admin-token-file)'}", flush=True)
+    serve(engine, admin, args.host, args.port)
+
+
+COMMANDS = {"serve": cmd_serve, "edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store,
             "estimate": cmd_estimate}
 
 

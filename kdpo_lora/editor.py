@@ -21,6 +21,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -34,6 +35,7 @@ from .methods import METHODS
 from .prefix import frozen_prefix
 from .regularisers import Preservation, preservation_prompts, with_context
 from .requests import EditRequest, check_batch
+from .serving import compact_stack
 
 
 @dataclass
@@ -268,11 +270,34 @@ class Editor:
             return obj.target_log_probs(self.model, batch), None
         return obj.joint_log_probs(self.model, batch, obj.unpad(preserve.input_ids, preserve.attention_mask))
 
+    # ------------------------------------------------------------------ the adapters in memory (owned here)
+
     def remove(self, name: str) -> None:
         """Unload edit adapter `name`; the rest of the stack stays active."""
         self.model = adapters.delete_adapter(self.model, name)
         self.stack.remove(name)
         adapters.set_active(self.model, self.stack)
+
+    def load(self, name: str, folder: Path) -> None:
+        """Load a verified adapter folder as `name` at the top of the stack (frozen; not yet active)."""
+        self.model = adapters.load_adapter(self.model, name, folder)
+        self.stack.append(name)
+
+    def unload(self, name: str) -> None:
+        """Drop adapter `name` from memory, in the stack or not (nothing is activated)."""
+        self.model = adapters.delete_adapter(self.model, name)
+        if name in self.stack:
+            self.stack.remove(name)
+
+    def hold(self, names: Sequence[str]) -> None:
+        """Make the in-memory adapters `names` the active stack, in that order."""
+        self.stack = list(names)
+        if self.stack:
+            adapters.set_active(self.model, self.stack)
+
+    def fold(self) -> None:
+        """Hold the frozen stack as cheaply as it can be held exactly (`serving.compact_stack`)."""
+        self.model, self.stack = compact_stack(self.model, self.stack)
 
     # ------------------------------------------------------------------ using the edits
 

@@ -15,22 +15,22 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from . import adapters, merged
+from . import adapters
 from .config import EditConfig, read_yaml, resolve_config
 from .editor import BatchResult, Editor, new_adapter_name
-from .errors import KdpoWarning, RequestError, StoreError
+from .errors import KdpoWarning, StoreError
 from .evaluate import evaluate_requests, pre_edit_locality, score_targets, summarise
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .requests import EditRequest
+from .profiles import ActiveProfile, ProfileRoutes
 from .routing import SubjectRouter, by_route, check_routable
-from .serving import compact_stack, export_for_serving, squash
+from .serving import export_for_serving, squash
 from .store import DEFAULT_PROFILE, AdapterStore, ProfileChanged, check_name, warn_superseded
 
 
@@ -40,13 +40,8 @@ MAX_EDIT_ATTEMPTS = 5  # trainings of one batch while concurrent writers keep ch
 
 
 class KnowledgeEditor:
-    """A base model plus an adapter store; `profile` names which stored edits are active.
-
-    A subject-routed profile keeps at most `max_loaded` of its batches in memory (those used most
-    recently) and loads the others from the store when a prompt routes to them: a prompt needs only
-    its own subjects' batches, and peft's cost of switching adapters grows with every adapter
-    loaded, so a profile of a thousand edits switches as fast as one of a few (benchmarks/RESULTS.md).
-    """
+    """A base model plus an adapter store; `use(profile)` names which stored edits are active
+    (`profiles.ActiveProfile` holds them: at most `max_loaded` batches of a routed profile in memory)."""
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, store: str | Path = "adapters",
                  quantization: str = "nf4", device: str | None = None, config: str | Path | None = None,
@@ -55,23 +50,9 @@ class KnowledgeEditor:
         self.store_path = Path(store)
         model_type = getattr(self.loaded.model.config, "model_type", None)
         self.editor = Editor(self.loaded.model, self.loaded.tokenizer, resolve_config(model_type, config, overrides))
-        # routing asked for explicitly (a flag or a config file): refused where a profile is served otherwise
-        self._asked_routing = (overrides or {}).get("routing") or (read_yaml(config).get("routing") if config else None)
-        self._routing = self.config.routing  # the active profile's, as stored with it
         self.fingerprint = self.loaded.fingerprint
-        self.active_profile: str | None = None
-        self.fold_stack = fold_stack
-        self._materialised: tuple[str, ...] = ()  # the batches the adapters in memory add up to
-        self.router: SubjectRouter | None = None  # with `routing: subject`, for the active profile
-        self._requests_of: dict[str, list[EditRequest]] = {}  # stored batches' requests (batches never change)
-        if max_loaded < 1:
-            raise ValueError("max_loaded must be at least 1")
-        self.max_loaded = max_loaded
-        self._profile_batches: list[str] = []  # the active profile's batches, in memory or not
-        self._last_used: dict[str, int] = {}  # batch -> when it last served (a routed profile unloads the oldest)
-        self._checked: set[str] = set()  # routed batches whose files and base model `use` has checked
-
-    # ------------------------------------------------------------------ plumbing
+        asked = (overrides or {}).get("routing") or (read_yaml(config).get("routing") if config else None)
+        self.active = ActiveProfile(self.editor, self.store_path, self.fingerprint, asked, fold_stack, max_loaded)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -85,130 +66,41 @@ class KnowledgeEditor:
         return AdapterStore(self.store_path, create=create)
 
     @property
-    def routed(self) -> bool:
-        """The active profile serves each prompt with only the batches whose subjects it names (routing.py)."""
-        return self._routing == "subject"
-
-    def _profile_routing(self, store: AdapterStore, profile: str) -> str | None:
-        """How `profile` is served, as stored with it (None: a new or empty profile); a routing asked for
-        that differs is refused, since the numbers and the edits' training assume the stored one."""
-        stored = store.routing(profile) if store.exists() and store.profiles().get(profile) else None
-        if stored is not None and self._asked_routing is not None and self._asked_routing != stored:
-            raise StoreError(f"profile {profile!r} is served with routing {stored!r} (stored with it), not "
-                             f"{self._asked_routing!r}: leave --routing (and the config's routing) out, or use "
-                             f"another profile")
-        return stored
-
-    @property
-    def route(self) -> "ProfileRoutes":
-        """`route(prompt)`: the active profile's batches that serve `prompt` (all of them without routing).
-        Handed to the evaluation harness, it also loads the batches a prompt routes to (`serving`)."""
-        return ProfileRoutes(self)
-
-    @contextmanager
-    def serving(self, names: Sequence[str]) -> Iterator[None]:
-        """Run with exactly the batches `names` active, loading from the store those not in memory."""
-        self._ensure_loaded(names)
-        with adapters.only_adapters(self.editor.model, names):
-            yield
-
-    def _ensure_loaded(self, names: Sequence[str]) -> None:
-        """Load (verified) the batches of `names` that are not in memory; with routing, then unload the
-        least recently used others beyond `max_loaded` (an unrouted profile is always loaded whole)."""
-        stack, store = self.editor.stack, None
-        for name in names:
-            if name != merged.STACK and name not in stack:
-                store = store or self.store()
-                folder = store.verify_batch(name, self.fingerprint)
-                self.editor.model = adapters.load_adapter(self.editor.model, name, folder)
-                stack.append(name)
-        self._mark_used(names)
-        if self.routed:
-            wanted = set(names)
-            spare = sorted((n for n in stack if n not in wanted), key=lambda n: self._last_used.get(n, 0))
-            for name in spare[:max(0, len(stack) - self.max_loaded)]:
-                self.editor.remove(name)
-                self._last_used.pop(name, None)
-        order = {n: i for i, n in enumerate(self._profile_batches)}
-        stack.sort(key=lambda n: order.get(n, len(order)))  # held in the profile's order
-
-    def _mark_used(self, names: Sequence[str]) -> None:
-        clock = max(self._last_used.values(), default=0)
-        for name in names:
-            clock += 1
-            self._last_used[name] = clock
-
-    @property
     def base_model_name(self) -> str:
         """The base as `from_pretrained` loads it here: the folder the edits were made on (for the
         embedded model, its converted folder, not the hub model the GGUF file was made from)."""
         return self.loaded.base_path or self.loaded.source
 
     def use(self, profile: str | None) -> list[str]:
-        """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading;
-        a routed profile's batches are loaded (and verified) when a prompt first routes to them.
+        """Make exactly the batches of `profile` active (None: no edits); see `profiles.ActiveProfile`."""
+        return self.active.use(profile)
 
-        With `fold_stack`, a profile of several batches is held as one exact concatenated adapter,
-        merged into dense weights once that is cheaper (`serving.compact_stack`), so the cost of a
-        step or a generated token does not grow with the number of edits. With subject routing the
-        batches stay separate adapters, since each prompt needs its own subset of them.
-        """
-        names = [] if profile is None else self.store().profile(profile)
-        self._routing = (self._profile_routing(self.store(), profile) if profile is not None else None) \
-            or self.config.routing
-        self._profile_batches = list(names)
-        if self.routed:
-            return self._use_routed(profile, names)
-        in_memory = adapters.adapter_names(self.editor.model)
-        if tuple(names) != self._materialised or set(in_memory) != set(self.editor.stack):
-            for stale in in_memory:  # rebuild from the verified files
-                self.editor.model = adapters.delete_adapter(self.editor.model, stale)
-            store = self.store() if names else None
-            for name in names:
-                folder = store.verify_batch(name, self.fingerprint)
-                self.editor.model = adapters.load_adapter(self.editor.model, name, folder)
-            self.editor.stack = list(names)
-            self._materialised = tuple(names)
-        self._fold_active()
-        adapters.set_active(self.editor.model, self.editor.stack)
-        self.active_profile = profile
-        self._build_router(names)
-        return names
+    @property
+    def routed(self) -> bool:
+        """The active profile serves each prompt with only the batches whose subjects it names (routing.py)."""
+        return self.active.routed
 
-    def _use_routed(self, profile: str | None, names: list[str]) -> list[str]:
-        """`use` for a routed profile: its router is built from the store's records, and its batches
-        are loaded when a prompt routes to them; those in memory that it does not list are unloaded.
-        Each batch's files and base model are checked here (its hashes when it is loaded)."""
-        store = self.store() if names else None
-        for name in names:
-            if name not in self._checked:
-                store.verify_batch(name, self.fingerprint, hashes=False)
-                self._checked.add(name)
-        listed = set(names)
-        for stale in adapters.adapter_names(self.editor.model):
-            if stale not in listed:
-                self.editor.model = adapters.delete_adapter(self.editor.model, stale)
-                self._last_used.pop(stale, None)
-        in_memory = set(adapters.adapter_names(self.editor.model))
-        self.editor.stack = [n for n in names if n in in_memory]
-        self._materialised = ()  # a routed profile is never folded
-        if self.editor.stack:
-            adapters.set_active(self.editor.model, self.editor.stack)
-        self.active_profile = profile
-        self._build_router(names)
-        return names
+    @property
+    def router(self) -> SubjectRouter | None:
+        return self.active.router
 
-    def _build_router(self, names: Sequence[str]) -> None:
-        self.router = SubjectRouter([(n, self._requests(n)) for n in names]) if names and self.routed else None
+    @property
+    def route(self) -> ProfileRoutes:
+        """`route(prompt)`: the active profile's batches that serve `prompt` (all of them without routing).
+        Handed to the evaluation harness, it also loads the batches a prompt routes to (`serving`)."""
+        return ProfileRoutes(self.active)
 
-    def _requests(self, batch: str) -> list[EditRequest]:
-        if batch not in self._requests_of:
-            self._requests_of[batch] = self.store().requests_of(batch)
-        return self._requests_of[batch]
+    def serving(self, names: Sequence[str]):
+        """Run with exactly the batches `names` active, loading from the store those not in memory."""
+        return self.active.serving(names)
 
-    def _fold_active(self) -> None:
-        if self.fold_stack and not self.routed:
-            self.editor.model, self.editor.stack = compact_stack(self.editor.model, self.editor.stack)
+    @property
+    def fold_stack(self) -> bool:
+        return self.active.fold_stack
+
+    @fold_stack.setter
+    def fold_stack(self, value: bool) -> None:
+        self.active.fold_stack = value
 
     # ------------------------------------------------------------------ editing
 
@@ -228,16 +120,16 @@ class KnowledgeEditor:
         if any(b.name == name for b in store.batches()):
             raise StoreError(f"a batch named {name!r} already exists in {store.root}")
         cfg = config or self.config
-        cfg = replace(cfg, routing=self._profile_routing(store, profile) or cfg.routing)
+        cfg = replace(cfg, routing=self.active.routing_of(store, profile) or cfg.routing)
         if cfg.routing == "subject":
             check_routable(requests)
         for attempt in range(MAX_EDIT_ATTEMPTS):
             names = self.use(profile if store.exists() and profile in store.profiles() else None)
-            warn_superseded(store.superseded(requests, names, self._requests))
+            warn_superseded(store.superseded(requests, names, self.active.requests))
             stands_on, shared = self._stands_on(requests, names, cfg)
             below = stands_on if cfg.routing == "subject" else None
             if below is not None:  # routed: the batches it trains on may not be in memory (an unrouted profile is)
-                self._ensure_loaded(below)
+                self.active.ensure_loaded(below)
             result = self.editor.edit(requests, name=name, config=cfg, progress=progress, below=below,
                                       hold=shared)
             record = {
@@ -252,7 +144,7 @@ class KnowledgeEditor:
                 now = manifest["profiles"].get(profile, [])
                 if self._stands_on(requests, now, cfg)[0] != stands_on:
                     raise ProfileChanged(f"profile {profile!r} changed while batch {name!r} was trained")
-                found = store.superseded(requests, now, self._requests)
+                found = store.superseded(requests, now, self.active.requests)
                 return {"supersedes": sorted({b for batches in found.values() for b in batches})}
 
             try:
@@ -268,14 +160,7 @@ class KnowledgeEditor:
             except BaseException:
                 self.editor.remove(name)
                 raise
-        self._profile_batches = store.profile(profile)
-        self._routing = cfg.routing
-        self._checked.add(name)
-        self._mark_used([name])
-        if not self.routed:
-            self._materialised += (name,)
-        self.active_profile = profile
-        self._build_router(self._profile_batches)
+        self.active.stored(profile, name, cfg.routing)
         return result
 
     def _stands_on(self, requests: Sequence[EditRequest], names: Sequence[str],
@@ -289,20 +174,20 @@ class KnowledgeEditor:
         """
         if config.routing != "subject":
             return list(names), []
-        router = SubjectRouter([(n, self._requests(n)) for n in names])
+        router = SubjectRouter([(n, self.active.requests(n)) for n in names])
         new = SubjectRouter([("new", requests)])
-        shared = {b: [r.prompt for r in self._requests(b) if new.route(r.prompt)] for b in router.order}
+        shared = {b: [r.prompt for r in self.active.requests(b) if new.route(r.prompt)] for b in router.order}
         below = set(router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
         return [b for b in router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
     def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
         self.store().rollback(batch, profile)
-        if self.active_profile == profile:
+        if self.active.name == profile:
             self.use(profile)
 
     def apply(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:
         self.store().apply(batch, profile)
-        if self.active_profile == profile:
+        if self.active.name == profile:
             self.use(profile)
 
     # ------------------------------------------------------------------ using edits
@@ -330,23 +215,6 @@ class KnowledgeEditor:
 
     # ------------------------------------------------------------------ serving
 
-    def _as_adapters(self, profile: str) -> list[str]:
-        """Make `profile` active with its batches as LoRA adapters (reloaded if they were merged;
-        a routed profile's loaded whole)."""
-        names = self.use(profile)
-        if self.routed:
-            self._ensure_loaded(names)
-            if names:
-                adapters.set_active(self.editor.model, names)
-            return list(names)
-        if merged.STACK in self.editor.stack:
-            fold_stack, self.fold_stack, self._materialised = self.fold_stack, False, ()
-            try:
-                self.use(profile)
-            finally:
-                self.fold_stack = fold_stack
-        return list(self.editor.stack)
-
     def _warn_unrouted(self, profile: str, stack: Sequence[str]) -> None:
         """A squashed routed profile acts on every prompt: say so, since the numbers measured routed do not hold."""
         if self.routed and len(stack) > 1:
@@ -357,7 +225,7 @@ class KnowledgeEditor:
 
     def squash(self, profile: str, out_dir: str | Path) -> int:
         """One adapter folder equal to `profile`'s whole stack; returns its rank."""
-        stack = self._as_adapters(profile)
+        stack = self.active.as_adapters(profile)
         self._warn_unrouted(profile, stack)
         out = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
@@ -380,7 +248,7 @@ class KnowledgeEditor:
         target = target or ("nf4" if self.loaded.quantization == "nf4" else "fp32")
         if target not in EXPORT_TARGETS:
             raise StoreError(f"export target {target!r} is not one of {', '.join(EXPORT_TARGETS)}")
-        stack = self._as_adapters(profile)
+        stack = self.active.as_adapters(profile)
         self._warn_unrouted(profile, stack)
         requests = self._latest_requests(self.store().profile(profile))
         out = Path(out_dir)
@@ -405,7 +273,7 @@ class KnowledgeEditor:
         """The facts `batches` serve: for a prompt edited more than once, its last edit."""
         latest: dict[str, EditRequest] = {}
         for batch in batches:
-            for request in self._requests(batch):
+            for request in self.active.requests(batch):
                 latest.pop(request.key, None)
                 latest[request.key] = request
         return list(latest.values())
@@ -423,21 +291,6 @@ class KnowledgeEditor:
                              [r.target_new for r in requests])
         del served, model, base
         return [r.prompt for r, row in zip(requests, rows) if row["argmax"] != row["target"]]
-
-
-class ProfileRoutes:
-    """The active profile's routing as the evaluation harness takes it (`evaluate.Route`): calling it
-    names the batches that serve a prompt; `serve(names)` runs with them, loading any not in memory."""
-
-    def __init__(self, editor: KnowledgeEditor):
-        self._editor = editor
-
-    def __call__(self, prompt: str) -> list[str]:
-        router = self._editor.router
-        return router.route(prompt) if router is not None else list(self._editor.editor.stack)
-
-    def serve(self, names: Sequence[str]):
-        return self._editor.serving(names)
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -46,6 +46,7 @@ from .requests import EditRequest, request_from_dict
 ADAPTER_CONFIG = "adapter_config.json"  # a batch folder is a standard PEFT adapter folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
+AUDIT_LOG = "audit.jsonl"  # what the server's admin API did to the store, one JSON line per action
 EDIT_FILE = "edit.json"
 CHECKSUMS = "checksums.json"
 BATCH_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDIT_FILE)
@@ -276,7 +277,7 @@ class AdapterStore:
     def create_profile(self, name: str, batches: Iterable[str] = (), copy_from: str | None = None,
                        routing: str | None = None) -> None:
         """A new profile: a copy of `copy_from` (its batches and routing), or `batches` served with
-        `routing` (default: subject)."""
+        `routing` (default: the routing they were made with; subject for an empty profile)."""
         check_name(name, "profile name")
         if routing is not None and routing not in ROUTINGS:
             raise StoreError(f"routing {routing!r} is not one of {', '.join(ROUTINGS)}")
@@ -294,10 +295,19 @@ class AdapterStore:
             twice = sorted({b for b in names if names.count(b) > 1})
             if twice:
                 raise StoreError(f"a profile lists each batch once; {', '.join(twice)} given twice")
+            if routing is None:
+                routing = manifest["serving"][copy_from]["routing"] if copy_from is not None else self._made_with(names)
             manifest["profiles"][name] = names
-            manifest["serving"][name] = {"routing": routing or (manifest["serving"][copy_from]["routing"]
-                                                                if copy_from is not None else DEFAULT_ROUTING)}
+            manifest["serving"][name] = {"routing": routing}
             self._save_manifest(manifest)
+
+    def _made_with(self, batches: list[str]) -> str:
+        """The routing `batches` were trained for (as their records say)."""
+        made = {self.edit_record(b).get("config", {}).get("routing", "none") for b in batches}
+        if len(made) > 1:
+            raise StoreError(f"the batches were made with different routings ({', '.join(sorted(made))}); "
+                             f"say which the profile serves with (--routing)")
+        return made.pop() if made else DEFAULT_ROUTING
 
     def remove_profile(self, name: str) -> None:
         check_name(name, "profile name")
@@ -347,7 +357,7 @@ class AdapterStore:
             removed, left = [], []
             for child in sorted(self.root.iterdir()):
                 name = child.name
-                if name in (MANIFEST, ".lock") or (name in listed and name not in unused):
+                if name in (MANIFEST, ".lock", AUDIT_LOG) or (name in listed and name not in unused):
                     continue
                 if name in unused or _made_by_store(child):
                     removed.append(name)

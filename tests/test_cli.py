@@ -75,11 +75,16 @@ def test_routed_edits_from_the_command_line(capsys, tiny_model_dir, tmp_path):
     assert code == 2 and "does not name its subject" in err
     code, _, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of spain is", "--target", "oslo")
     assert code == 2 and "needs each request's subject" in err and "--routing none" in err
+    code, _, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of spain is", "--target", "oslo",
+                       "--routing", "none")
+    assert code == 2 and "profile 'default' is served with routing 'subject'" in err  # stored with the profile
     code, out, err = run(capsys, "edit", *model, *FAST, "--prompt", "the capital of spain is", "--target", "oslo",
-                         "--routing", "none", "--name", "shared")
+                         "--routing", "none", "--name", "shared", "--profile", "shared-stack")
     assert code == 0, err
-    code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of france is", "--max-new-tokens", "1")
-    assert "(batches: shared)" in out  # a batch without subjects serves every prompt
+    code, out, _ = run(capsys, "generate", *model, "--prompt", "the capital of france is", "--max-new-tokens", "1",
+                       "--profile", "shared-stack")
+    assert code == 0 and "(batches: shared)" in out  # unrouted, as stored: every batch serves every prompt
+    assert "profile shared-stack: shared (routing none)" in run(capsys, "store", "ls", "--store", tmp_path / "store")[1]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,12 +8,10 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from kdpo_lora.cli import main
 from kdpo_lora.errors import IntegrityError, StoreError

@@ -1,0 +1,221 @@
+"""`kdpo-lora serve` over a real socket on 127.0.0.1, driven by the official `openai` client, on the
+embedded SmolLM2 (an instruct model: chat goes through its own template)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from kdpo_lora.loading import load_model
+from kdpo_lora.requests import EditRequest
+from kdpo_lora.server import Admin, Engine, create_app
+from kdpo_lora.session import KnowledgeEditor
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-admin-token-0123456789"
+EDIT = EditRequest("The Eiffel Tower is located in the city of", "Rome", subject="Eiffel Tower")
+QUESTION = "The Eiffel Tower is located in the city of"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A store with the edit in profile `default` and an empty profile `plain`, served on a free port."""
+    import uvicorn
+
+    store = tmp_path_factory.mktemp("serve") / "store"
+    ke = KnowledgeEditor(load_model("smollm2-135m", "nf4", "cpu"), store)
+    ke.edit([EDIT], name="eiffel-rome", progress=False)
+    ke.store().create_profile("plain", [])
+    port = _free_port()
+    engine = Engine(ke)
+    admin = Admin(engine, TOKEN, lambda: KnowledgeEditor(load_model("smollm2-135m", "nf4", "cpu"), store))
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine, admin), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert uv.started
+    yield f"http://127.0.0.1:{port}", ke
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_every_profile_is_a_model(client):
+    assert sorted(m.id for m in client.models.list()) == ["default", "plain"]
+
+
+def test_completions_serve_the_edit_only_in_its_profile_and_say_which_batches(client, server):
+    edited = client.completions.create(model="default", prompt=QUESTION, max_tokens=4)
+    plain = client.completions.create(model="plain", prompt=QUESTION, max_tokens=4)
+    assert edited.choices[0].text.strip().startswith("Rome") and not plain.choices[0].text.strip().startswith("Rome")
+    assert edited.model_extra["kdpo_batches"] == ["eiffel-rome"] and plain.model_extra["kdpo_batches"] == []
+    assert edited.usage.completion_tokens == 4 and edited.choices[0].finish_reason == "length"
+    # a prompt naming no edited subject gets the unedited model's answer, exactly
+    other = "The capital of France is"
+    same = [client.completions.create(model=m, prompt=other, max_tokens=6).choices[0].text for m in ("default", "plain")]
+    assert same[0] == same[1]
+    # the server's answers are the Python API's
+    assert edited.choices[0].text == server[1].generate([QUESTION], "default", max_new_tokens=4)[0]
+
+
+def test_chat_goes_through_the_chat_template(client, server):
+    messages = [{"role": "user", "content": "Complete the sentence: The Eiffel Tower is located in the city of"}]
+    answer = client.chat.completions.create(model="default", messages=messages, max_tokens=24)
+    text = answer.choices[0].message.content
+    assert answer.choices[0].message.role == "assistant" and text and answer.usage.prompt_tokens > 10
+    assert answer.model_extra["kdpo_batches"] == ["eiffel-rome"]  # routed: the chat names the subject
+    tokenizer = server[1].loaded.tokenizer
+    templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert answer.usage.prompt_tokens == len(tokenizer(templated).input_ids)
+
+
+def test_streaming_gives_the_same_text_as_one_answer(client):
+    whole = client.completions.create(model="default", prompt=QUESTION, max_tokens=8).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(model="default", prompt=QUESTION, max_tokens=8,
+                                                                   stream=True)]
+    assert "".join(pieces) == whole and len([p for p in pieces if p]) >= 2
+    messages = [{"role": "user", "content": "Where is the Eiffel Tower?"}]
+    chunks = list(client.chat.completions.create(model="default", messages=messages, max_tokens=8, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    once = client.chat.completions.create(model="default", messages=messages, max_tokens=8).choices[0].message.content
+    assert streamed == once and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_sequences_cut_the_answer(client):
+    full = client.completions.create(model="plain", prompt="One, two, three, four,", max_tokens=12).choices[0].text
+    word = full.strip().split()[0]
+    cut = client.completions.create(model="plain", prompt="One, two, three, four,", max_tokens=12, stop=[word])
+    assert cut.choices[0].text == full[:full.index(word)] and cut.choices[0].finish_reason == "stop"
+
+
+def _post(url: str, body: bytes | None, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/completions", json.dumps({"model": "ghost", "prompt": "x"}).encode(), 404, "does not exist"),
+    ("/v1/completions", json.dumps({"model": "default", "prompt": "x", "max_tokens": 10 ** 9}).encode(), 400,
+     "max_tokens"),
+    ("/v1/completions", json.dumps({"model": "default", "prompt": "x", "n": 2}).encode(), 400, "n = 1"),
+    ("/v1/completions", json.dumps({"model": "default", "prompt": ""}).encode(), 400, "prompt"),
+    ("/v1/completions", json.dumps({"model": "default", "prompt": "x " * 500_000}).encode(), 400, "context"),
+    ("/v1/chat/completions", json.dumps({"model": "default", "messages": []}).encode(), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": "default", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+     400, "role"),
+    ("/v1/chat/completions", json.dumps({"model": "default", "messages": [{"role": "user", "content": "x"}],
+                                         "temperature": -1}).encode(), 400, "temperature"),
+])
+def test_bad_requests_get_a_4xx_with_a_json_error(server, path, body, status, words):
+    code, answer = _post(server[0] + path, body)
+    assert code == status and words in answer["error"]["message"], answer
+
+
+# --------------------------------------------------------------------------- the admin API
+
+
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (".lock", "audit.jsonl")}
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token-0123456789", TOKEN + "x"])
+def test_the_admin_api_refuses_without_the_token_and_changes_nothing(server, token):
+    url, ke = server
+    before = snapshot(ke.store_path)
+    for path, body in (("/admin/profiles", None), ("/admin/rollback", b'{"profile": "default", "batch": "eiffel-rome"}'),
+                       ("/admin/edits", json.dumps({"profile": "default", "requests": [EDIT.to_dict()]}).encode())):
+        code, answer = _post(url + path, body, token)
+        assert code == 401 and "admin token" in answer["error"]["message"], (path, answer)
+    assert snapshot(ke.store_path) == before
+
+
+def test_without_a_token_configured_there_is_no_admin_api(server):
+    with_admin = {r.path for r in create_app(Engine(server[1]), Admin(Engine(server[1]), TOKEN, None)).routes}
+    without = {r.path for r in create_app(Engine(server[1])).routes}  # what `serve` runs without a token file
+    assert "/admin/edits" in with_admin and not [p for p in without if p.startswith("/admin")]
+
+
+def _wait(url: str, job: str) -> dict:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        code, state = _post(f"{url}/admin/jobs/{job}", None, TOKEN)
+        assert code == 200
+        if state["status"] in ("stored", "failed"):
+            return state
+        time.sleep(1)
+    raise AssertionError("the edit job did not finish")
+
+
+def test_an_edit_through_the_admin_api_is_served_from_the_next_request_and_rolls_back_exactly(server, client):
+    url, ke = server
+    prompt, other = "The Colosseum is located in the city of", "The capital of Japan is"
+    code, created = _post(url + "/admin/profiles", json.dumps({"profile": "ops", "copy_from": "plain"}).encode(), TOKEN)
+    assert code == 200 and "ops" in [m.id for m in client.models.list()]
+    before = {p: client.completions.create(model="ops", prompt=p, max_tokens=4).choices[0].text for p in (prompt, other)}
+    record = {"prompt": prompt, "target_new": "Madrid", "subject": "The Colosseum"}
+    code, job = _post(url + "/admin/edits", json.dumps({"profile": "ops", "requests": [record],
+                                                        "name": "colosseum-madrid"}).encode(), TOKEN)
+    assert code == 202 and job["status"] in ("queued", "running")
+    state = _wait(url, job["job"])
+    assert state["status"] == "stored" and state["batch"] == "colosseum-madrid", state
+    edited = client.completions.create(model="ops", prompt=prompt, max_tokens=4)
+    assert edited.choices[0].text.strip().startswith("Madrid") and edited.model_extra["kdpo_batches"] == ["colosseum-madrid"]
+    assert client.completions.create(model="ops", prompt=other, max_tokens=4).choices[0].text == before[other]
+    code, listed = _post(url + "/admin/profiles", None, TOKEN)
+    [ops] = [p for p in listed["profiles"] if p["profile"] == "ops"]
+    assert ops["batches"] == [{"batch": "colosseum-madrid", "facts": [{**record}]}]
+    code, _ = _post(url + "/admin/rollback", json.dumps({"profile": "ops", "batch": "colosseum-madrid"}).encode(), TOKEN)
+    assert code == 200
+    assert client.completions.create(model="ops", prompt=prompt, max_tokens=4).choices[0].text == before[prompt]
+    code, _ = _post(url + "/admin/apply", json.dumps({"profile": "ops", "batch": "colosseum-madrid"}).encode(), TOKEN)
+    assert code == 200 and client.completions.create(model="ops", prompt=prompt, max_tokens=4).choices[0].text == \
+        edited.choices[0].text
+    log = [json.loads(line) for line in (ke.store_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["action"], e["outcome"]) for e in log][-4:] == [("profile", "done"), ("edit", "stored"),
+                                                                ("rollback", "done"), ("apply", "done")]
+    assert TOKEN not in (ke.store_path / "audit.jsonl").read_text()
+    assert ke.store().verify(ke.fingerprint) == []
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/admin/edits", {"profile": "ops", "requests": [{"prompt": "x"}]}, "target_new"),
+    ("/admin/edits", {"profile": "../../etc", "requests": [EDIT.to_dict()]}, "invalid profile name"),
+    ("/admin/edits", {"profile": "ops", "requests": [EDIT.to_dict()], "name": "../escape"}, "invalid batch name"),
+    ("/admin/rollback", {"profile": "default", "batch": "../../etc"}, "invalid batch name"),
+    ("/admin/rollback", {"profile": "default"}, "'batch' is required"),
+    ("/admin/apply", {"profile": "ghost", "batch": "eiffel-rome"}, "no profile"),
+])
+def test_bad_admin_requests_are_refused_and_change_nothing(server, path, body, words):
+    url, ke = server
+    before = snapshot(ke.store_path)
+    code, answer = _post(url + path, json.dumps(body).encode(), TOKEN)
+    assert 400 <= code < 500 and words in answer["error"]["message"], answer
+    assert snapshot(ke.store_path) == before
