@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from pathlib import Path
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .errors import KdpoError, RequestError
@@ -37,6 +38,8 @@ from .requests import check_batch, parse_record
 from .session import KnowledgeEditor
 from .store import AUDIT_LOG, DEFAULT_PROFILE, check_name
 MAX_TOKENS_DEFAULT = 64
+COMPARE_TOKENS = 24
+OPERATOR_PAGE = Path(__file__).resolve().parent / "web" / "operator.html"
 
 
 class ApiError(Exception):
@@ -84,10 +87,10 @@ class Engine:
             raise ApiError(400, "this model has no chat template; use /v1/completions")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _activate(self, profile: str, prompt: str) -> list[str]:
-        """Make `profile` active (an empty store: no edits) and name the batches that serve `prompt`."""
+    def _activate(self, profile: str | None, prompt: str) -> list[str]:
+        """Make `profile` active (None, or an empty store: no edits) and name the batches serving `prompt`."""
         store = self.editor.store(create=True)
-        if not store.exists() or not store.profile(profile):
+        if profile is None or not store.exists() or not store.profile(profile):
             self.editor.use(None)
             return []
         self.editor.use(profile)
@@ -109,9 +112,11 @@ class Engine:
             kwargs.update(temperature=temperature, top_p=top_p)
         return kwargs
 
-    def complete(self, profile: str, prompt: str, max_tokens: int, temperature: float, top_p: float,
+    def complete(self, profile: str | None, prompt: str, max_tokens: int, temperature: float, top_p: float,
                  stop: list[str]) -> Completion:
-        self.check_model(profile)
+        """`prompt` continued with `profile`'s edits (None: the unedited model)."""
+        if profile is not None:
+            self.check_model(profile)
         with self.lock:
             ids = self._encode(prompt, max_tokens)
             batches = self._activate(profile, prompt)
@@ -246,6 +251,14 @@ class Admin:
             except Exception as err:  # noqa: BLE001 - reported to the client through the job
                 job.status, job.error = "failed", " ".join(str(err).split()) or type(err).__name__
                 self.audit("edit", "failed", profile=job.profile, job=job.id, error=job.error)
+
+    def compare(self, profile: str, prompt: str) -> dict:
+        """The unedited model's greedy answer and `profile`'s, and the batches serving the prompt."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ApiError(400, "'prompt' must be a non-empty string", code="invalid_value")
+        base = self.engine.complete(None, prompt, COMPARE_TOKENS, 0.0, 1.0, [])
+        edited = self.engine.complete(profile, prompt, COMPARE_TOKENS, 0.0, 1.0, [])
+        return {"profile": profile, "base": base.text, "edited": edited.text, "batches": edited.batches}
 
     def profiles(self) -> list[dict]:
         store = self.engine.editor.store(create=True)
@@ -442,6 +455,17 @@ def _admin_routes(app, admin: Admin, read_body, call) -> None:
     def profiles(request: Request):
         authorise(request)
         return {"profiles": call(admin.profiles)}
+
+    @app.post("/admin/compare")
+    async def compare(request: Request):
+        authorise(request)
+        body = await read_body(request)
+        return await run_in_threadpool(call, admin.compare, _text(body, "profile"), body.get("prompt"))
+
+    @app.get("/", response_class=HTMLResponse)
+    def operator_page():
+        """The operator page: plain HTML and a little JavaScript; it asks for the admin token."""
+        return OPERATOR_PAGE.read_text(encoding="utf-8")
 
     def changer(action: str):
         async def change(request: Request):

@@ -289,12 +289,9 @@ class AdapterStore:
                 raise StoreError(f"no profile {copy_from!r} to copy (profiles: {', '.join(manifest['profiles'])})")
             known = {b["name"] for b in manifest["batches"]}
             names = list(manifest["profiles"][copy_from]) if copy_from is not None else list(batches)
-            unknown = [b for b in names if b not in known]
-            if unknown:
-                raise StoreError(f"unknown batch(es): {', '.join(map(repr, unknown))}")
-            twice = sorted({b for b in names if names.count(b) > 1})
-            if twice:
-                raise StoreError(f"a profile lists each batch once; {', '.join(twice)} given twice")
+            problem = _listing_problem(names, known)
+            if problem:
+                raise StoreError(f"profile {name!r}: {problem}")
             if routing is None:
                 routing = manifest["serving"][copy_from]["routing"] if copy_from is not None else self._made_with(names)
             manifest["profiles"][name] = names
@@ -500,12 +497,9 @@ def validate_manifest(data: object, where: str) -> None:
             raise bad(f"invalid profile name {profile!r}")
         if not isinstance(batches, list) or not all(isinstance(b, str) for b in batches):
             raise bad(f"profile {profile!r} must be a list of batch names")
-        unknown = [b for b in batches if b not in names]
-        if unknown:
-            raise bad(f"profile {profile!r} lists unknown batch(es) {', '.join(map(repr, unknown))}")
-        twice = sorted({b for b in batches if batches.count(b) > 1})
-        if twice:
-            raise bad(f"profile {profile!r} lists batch(es) {', '.join(map(repr, twice))} more than once")
+        problem = _listing_problem(batches, names)
+        if problem:
+            raise bad(f"profile {profile!r}: {problem}")
     serving = data["serving"]
     if not isinstance(serving, dict) or set(serving) != set(data["profiles"]):
         raise bad("'serving' must name how each profile is served, and only those")
@@ -513,6 +507,15 @@ def validate_manifest(data: object, where: str) -> None:
         if not isinstance(entry, dict) or set(entry) != {"routing"} or entry["routing"] not in ROUTINGS:
             raise bad(f"profile {profile!r} is served with {entry!r}; expected {{\"routing\": one of "
                       f"{', '.join(ROUTINGS)}}}")
+
+
+def _listing_problem(batches: list[str], known: set[str]) -> str | None:
+    """What is wrong with a profile's list of batches: unknown ones, or one listed twice (served twice)."""
+    unknown = [b for b in batches if b not in known]
+    if unknown:
+        return f"unknown batch(es) {', '.join(map(repr, unknown))}"
+    twice = sorted({b for b in batches if batches.count(b) > 1})
+    return f"lists batch(es) {', '.join(map(repr, twice))} more than once" if twice else None
 
 
 def is_safetensors(path: Path) -> bool:

@@ -19,6 +19,7 @@ from kdpo_lora.session import KnowledgeEditor
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token-0123456789"
+SCREENSHOT = __import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks" / "operator_page.png"
 EDIT = EditRequest("The Eiffel Tower is located in the city of", "Rome", subject="Eiffel Tower")
 QUESTION = "The Eiffel Tower is located in the city of"
 
@@ -219,3 +220,57 @@ def test_bad_admin_requests_are_refused_and_change_nothing(server, path, body, w
     code, answer = _post(url + path, json.dumps(body).encode(), TOKEN)
     assert 400 <= code < 500 and words in answer["error"]["message"], answer
     assert snapshot(ke.store_path) == before
+
+
+# --------------------------------------------------------------------------- the operator page, in a real browser
+
+
+def test_the_operator_page_in_a_real_browser(server, tmp_path):
+    """Headless Chromium (Debian's chromium and chromium-driver, installed by .ci/run): enter the token,
+    see the batches and their facts, compare a prompt, roll back with confirmation, see the answer change."""
+    import os
+    import shutil
+
+    if not shutil.which("chromedriver") and not os.environ.get("CI"):
+        pytest.skip("chromium-driver is not installed here (.ci/run installs it)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, ke = server
+    ke.store().apply("eiffel-rome", "plain")  # a profile of its own for the page to roll back
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    wait = WebDriverWait(browser, 600, ignored_exceptions=[StaleElementReferenceException])  # the page re-renders
+    try:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "connected"))
+        plain = browser.find_element(By.CSS_SELECTOR, '.profile[data-profile="plain"]')
+        assert "eiffel-rome" in plain.text and "The Eiffel Tower is located in the city of -> Rome" in plain.text
+
+        def compare() -> tuple[str, str, str]:
+            for answer in ("base", "edited"):
+                browser.execute_script(f"document.getElementById('{answer}').textContent = ''")
+            browser.find_element(By.ID, "compare").click()
+            wait.until(lambda b: b.find_element(By.ID, "edited").text not in ("", "..."))
+            return tuple(browser.find_element(By.ID, i).text.strip() for i in ("base", "edited", "batches"))
+
+        browser.find_element(By.CSS_SELECTOR, '#compare-profile option[value="plain"]').click()
+        base, edited, batches = compare()
+        assert edited.startswith("Rome") and not base.startswith("Rome") and batches == "eiffel-rome"
+        browser.save_screenshot(str(SCREENSHOT if os.environ.get("KDPO_SCREENSHOT") else tmp_path / "operator_page.png"))
+        browser.find_element(By.CSS_SELECTOR, '.profile[data-profile="plain"] [data-batch="eiffel-rome"] .rollback').click()
+        wait.until(ready.alert_is_present()).accept()
+        wait.until(lambda b: "eiffel-rome" not in b.find_element(By.CSS_SELECTOR, '.profile[data-profile="plain"]').text)
+        after_base, after, batches = compare()
+        assert after == after_base == base and batches == "none"  # the unedited answer, exactly
+        assert ke.store().profile("plain") == [] and ke.store().profile("default") == ["eiffel-rome"]
+    finally:
+        browser.quit()

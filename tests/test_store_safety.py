@@ -300,7 +300,7 @@ def test_verify_finds_a_pickle_with_updated_hashes_and_leftovers(store, capsys):
 
 def test_a_profile_cannot_list_a_batch_twice(store):
     _, root = store
-    with pytest.raises(StoreError, match="given twice"):
+    with pytest.raises(StoreError, match="more than once"):
         AdapterStore(root).create_profile("p", ["b0", "b0"])
     with pytest.raises(StoreError, match="already in profile"):
         AdapterStore(root).apply("b0", "staging")
