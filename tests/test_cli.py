@@ -121,3 +121,16 @@ def test_notices_reach_the_terminal_as_one_line(tiny_model_dir, tmp_path):
     assert again.returncode == 0, again.stderr
     [notice] = [line for line in again.stderr.splitlines() if line.startswith("warning:")]
     assert "'the capital of japan is' was already edited by edit-" in notice and "supersedes it" in notice
+
+
+def test_help_and_a_malformed_request_file_import_no_model_code(tmp_path):
+    """Refusing bad input, or printing help, must not wait for torch, transformers and peft to load."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": \n')
+    code = ("import sys\nfrom kdpo_lora.cli import main\n"
+            f"codes = [main(['--help']), main(['edit', '--requests', {str(bad)!r}])]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+            "print(codes, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 2] []", proc.stdout + proc.stderr
+    assert "line 1: invalid JSON" in proc.stderr
