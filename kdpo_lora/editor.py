@@ -133,7 +133,7 @@ class Editor:
         try:
             # nothing below the first adapted layer changes while this batch trains: run it once per input
             with frozen_prefix(self.model, min(layers) if self.cache_prefix and layers else 0):
-                preserve = self._preservation(requests, cfg, earlier, hold, fresh=True)
+                preserve = self.preservation(requests, cfg, earlier, hold, fresh=True)
                 first = self._forward(batch, preserve)  # with grad: it is also the first training step's pass
                 if preserve is not None:  # the new adapter is still a no-op (B = 0): this pass gives the answers
                     preserve.reference = first[1].detach()
@@ -154,7 +154,7 @@ class Editor:
                     if phase > 0:
                         if self._solved(batch, cfg.margin):
                             continue
-                        preserve = self._preservation(requests, cfg, on, hold)
+                        preserve = self.preservation(requests, cfg, on, hold)
                     c, s, l = self._train(batch, cfg, lr, name, on, progress, preserve, first if phase == 0 else None)
                     cycles, steps, losses = cycles + c, steps + s, losses + l
                 with torch.no_grad():
@@ -179,7 +179,7 @@ class Editor:
             log_probs = obj.target_log_probs(self.model, batch)
         return bool(obj.solved_rows(log_probs, batch.labels, batch.target_mask, margin).all())
 
-    def _preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
+    def preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
                       hold: Sequence[str] = (), fresh: bool = False) -> Preservation | None:
         """The subject swaps (and, on top of earlier batches, the `hold` prompts) with their answers as
         the batches `below` give them. `fresh`: the trained adapter is still a no-op, so the edit's

@@ -245,12 +245,12 @@ def fluency(model, tokenizer, prompts: Sequence[str], samples: int = 2, max_new_
             route: Route | None = None) -> float:
     """Mean n-gram entropy of top-k 5 samples: low values mean repetitive, degenerate text."""
     torch.manual_seed(seed)
-    texts = _routed(model, route, lambda group: _samples(model, tokenizer, group, samples, max_new_tokens), prompts)
+    texts = _routed(model, route, lambda group: sample_texts(model, tokenizer, group, samples, max_new_tokens), prompts)
     return mean(ngram_entropy(t) for group in texts for t in group)
 
 
 @torch.no_grad()
-def _samples(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int) -> list[list[str]]:
+def sample_texts(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int) -> list[list[str]]:
     """`samples` top-k 5 continuations of each prompt."""
     device = next(model.parameters()).device
     encoded = tokenizer([p.rstrip() for p in prompts for _ in range(samples)], return_tensors="pt",

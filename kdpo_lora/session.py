@@ -126,7 +126,7 @@ class KnowledgeEditor:
         for attempt in range(MAX_EDIT_ATTEMPTS):
             names = self.use(profile if store.exists() and profile in store.profiles() else None)
             warn_superseded(store.superseded(requests, names, self.active.requests))
-            stands_on, shared = self._stands_on(requests, names, cfg)
+            stands_on, shared = self.stands_on(requests, names, cfg)
             below = stands_on if cfg.routing == "subject" else None
             if below is not None:  # routed: the batches it trains on may not be in memory (an unrouted profile is)
                 self.active.ensure_loaded(below)
@@ -142,7 +142,7 @@ class KnowledgeEditor:
 
             def on_commit(manifest: dict) -> dict:
                 now = manifest["profiles"].get(profile, [])
-                if self._stands_on(requests, now, cfg)[0] != stands_on:
+                if self.stands_on(requests, now, cfg)[0] != stands_on:
                     raise ProfileChanged(f"profile {profile!r} changed while batch {name!r} was trained")
                 found = store.superseded(requests, now, self.active.requests)
                 return {"supersedes": sorted({b for batches in found.values() for b in batches})}
@@ -163,7 +163,7 @@ class KnowledgeEditor:
         self.active.stored(profile, name, cfg.routing)
         return result
 
-    def _stands_on(self, requests: Sequence[EditRequest], names: Sequence[str],
+    def stands_on(self, requests: Sequence[EditRequest], names: Sequence[str],
                    config: EditConfig) -> tuple[list[str], list[str]]:
         """The batches of `names` a new batch of `requests` is trained on top of (all of them
         unrouted), and, routed, the earlier prompts it will also be served on.

@@ -52,9 +52,9 @@ def test_ngram_entropy_and_fluency(tiny_model, tokenizer):
     assert varied == pytest.approx((2 / 3 * math.log2(12) + 4 / 3 * math.log2(11)) / 2, rel=1e-9)
     score = fluency(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10, seed=3)
     torch.manual_seed(3)  # the same samples, scored by hand
-    from kdpo_lora.evaluate import _samples
+    from kdpo_lora.evaluate import sample_texts
 
-    texts = _samples(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10)[0]
+    texts = sample_texts(tiny_model, tokenizer, ["the capital of"], samples=2, max_new_tokens=10)[0]
     assert score == pytest.approx(sum(ngram_entropy(t) for t in texts) / 2) and score > 0
 
 

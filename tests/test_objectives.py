@@ -442,7 +442,7 @@ def test_subject_swaps_keep_the_answers_of_the_batches_below(tiny_model, tokeniz
     editor.edit([EditRequest("the capital of japan is", "paris", subject="japan")], progress=False)
     cfg = plain_config(preserve_weight=1.0)
     request = EditRequest("the capital of spain is", "rome", subject="spain")
-    preserve = editor._preservation([request], cfg, below=list(editor.stack))
+    preserve = editor.preservation([request], cfg, below=list(editor.stack))
     with torch.no_grad(), adapters.only_adapters(editor.model, editor.stack):
         expected = obj.next_token_log_probs(editor.model, preserve.input_ids, preserve.attention_mask)
     with torch.no_grad(), adapters.only_adapters(editor.model, []):

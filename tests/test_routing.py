@@ -98,7 +98,7 @@ def test_a_routed_batch_trains_on_the_batches_its_prompts_route_to(routed):
     routed.edit([_request("big ben is located in the city of", "tokyo", "big ben")], progress=False)
     same_subject = [_request("the eiffel tower was born in", "tokyo", "eiffel tower")]
     # the earlier fact about the same subject is served with it, so it is held while the new one trains
-    assert routed._stands_on(same_subject, routed.store().profile("default"), routed.config) == ([first], ["the eiffel tower is located in the city of"])
+    assert routed.stands_on(same_subject, routed.store().profile("default"), routed.config) == ([first], ["the eiffel tower is located in the city of"])
     third = routed.edit(same_subject, progress=False).adapter
     assert routed.route("the eiffel tower was born in") == [first, third]
     assert routed.generate(["the eiffel tower was born in", "the eiffel tower is located in the city of"],
@@ -109,7 +109,7 @@ def test_a_routed_batch_holds_the_earlier_facts_whose_prompts_name_its_subject(r
     eiffel = _request("the eiffel tower is located in the city of", "rome", "eiffel tower")
     first = routed.edit([eiffel], progress=False).adapter
     tower = [_request("the tower was born in", "tokyo", "tower")]
-    assert routed._stands_on(tower, routed.store().profile("default"), routed.config) == ([first], [eiffel.prompt])
+    assert routed.stands_on(tower, routed.store().profile("default"), routed.config) == ([first], [eiffel.prompt])
     second = routed.edit(tower, progress=False).adapter
     assert routed.route(eiffel.prompt) == [first, second]
     assert routed.generate([eiffel.prompt, tower[0].prompt], max_new_tokens=1) == ["rome", "tokyo"]
