@@ -55,9 +55,15 @@ class ActiveProfile:
         return self.routing == "subject"
 
     def routing_of(self, store: AdapterStore, profile: str) -> str | None:
-        """How `profile` is served, as stored with it (None: a new or empty profile); a routing asked for
+        """How `profile` is served, as stored with it (None: a new or empty profile)."""
+        if not store.exists() or profile not in store.profiles():
+            return None
+        return self._checked_routing(profile, *store.listing(profile))
+
+    def _checked_routing(self, profile: str, names: list[str], stored: str) -> str | None:
+        """The stored routing of a profile holding `names` (None when it holds none); a routing asked for
         that differs is refused, since the numbers and the edits' training assume the stored one."""
-        stored = store.routing(profile) if store.exists() and store.profiles().get(profile) else None
+        stored = stored if names else None
         if stored is not None and self.asked_routing is not None and self.asked_routing != stored:
             raise StoreError(f"profile {profile!r} is served with routing {stored!r} (stored with it), not "
                              f"{self.asked_routing!r}: leave --routing (and the config's routing) out, or use "
@@ -74,18 +80,20 @@ class ActiveProfile:
     def use(self, profile: str | None) -> list[str]:
         """Make exactly the batches of `profile` active (None: no edits). Verifies each before loading;
         a routed profile's batches are loaded (and verified) when a prompt first routes to them."""
-        names = [] if profile is None else self.store().profile(profile)
-        self.routing = (self.routing_of(self.store(), profile) if profile is not None else None) \
-            or self.editor.config.routing
+        store, names, stored = None, [], None
+        if profile is not None:  # one read of the manifest: this runs for every request served
+            store = self.store()
+            names, routing = store.listing(profile)
+            stored = self._checked_routing(profile, names, routing)
+        self.routing = stored or self.editor.config.routing
         self.batches = list(names)
         if self.routed:
-            return self._use_routed(profile, names)
+            return self._use_routed(profile, names, store)
         editor = self.editor
         in_memory = adapters.adapter_names(editor.model)
         if tuple(names) != self._materialised or set(in_memory) != set(editor.stack):
             for stale in in_memory:  # rebuild from the verified files
                 editor.unload(stale)
-            store = self.store() if names else None
             editor.stack = []
             for name in names:
                 editor.load(name, store.verify_batch(name, self.fingerprint))
@@ -96,11 +104,10 @@ class ActiveProfile:
         self._activated(profile, names)
         return names
 
-    def _use_routed(self, profile: str | None, names: list[str]) -> list[str]:
+    def _use_routed(self, profile: str | None, names: list[str], store: AdapterStore | None) -> list[str]:
         """`use` for a routed profile: its router is built from the store's records, and its batches
         are loaded when a prompt routes to them; those in memory that it does not list are unloaded.
         Each batch's files and base model are checked here (its hashes when it is loaded)."""
-        store = self.store() if names else None
         for name in names:
             if name not in self._checked:
                 store.verify_batch(name, self.fingerprint, hashes=False)

@@ -89,12 +89,10 @@ class Engine:
 
     def _activate(self, profile: str | None, prompt: str) -> list[str]:
         """Make `profile` active (None, or an empty store: no edits) and name the batches serving `prompt`."""
-        store = self.editor.store(create=True)
-        if profile is None or not store.exists() or not store.profile(profile):
-            self.editor.use(None)
+        names = self.editor.use(profile if profile is not None and self.editor.store(create=True).exists() else None)
+        if not names:
             return []
-        self.editor.use(profile)
-        return self.editor.route(prompt) if self.editor.router is not None else list(self.editor.active.batches)
+        return self.editor.route(prompt) if self.editor.router is not None else list(names)
 
     def _encode(self, prompt: str, max_tokens: int):
         ids = self.tokenizer(prompt, return_tensors="pt").to(self.editor.editor.device)

@@ -188,11 +188,15 @@ class AdapterStore:
         return {k: list(v) for k, v in self.manifest()["profiles"].items()}
 
     def profile(self, name: str) -> list[str]:
+        return self.listing(name)[0]
+
+    def listing(self, name: str) -> tuple[list[str], str]:
+        """A profile's batches and how it is served, from one read of the manifest."""
         check_name(name, "profile name")
-        profiles = self.profiles()
-        if name not in profiles:
-            raise StoreError(f"no profile {name!r} in {self.root} (profiles: {', '.join(profiles) or 'none'})")
-        return profiles[name]
+        manifest = self.manifest()
+        if name not in manifest["profiles"]:
+            raise StoreError(f"no profile {name!r} in {self.root} (profiles: {', '.join(manifest['profiles']) or 'none'})")
+        return list(manifest["profiles"][name]), manifest["serving"][name]["routing"]
 
     def batch_dir(self, name: str) -> Path:
         """The folder of a batch, refusing anything that would leave the store (symlinks included)."""
