@@ -18,6 +18,8 @@ from pathlib import Path
 from .errors import KdpoError, KdpoWarning, RequestError
 from .embedded import DEFAULT_MODEL
 
+EXPORT_HELP = "a squashed adapter for servers, or (--for vllm) one LoRA module per routed batch"
+
 DEMO_EDITS = [  # prompt, new target, subject, paraphrase
     ("The Eiffel Tower is located in the city of", "Rome", "The Eiffel Tower", "The Eiffel Tower can be found in the city of"),
     ("The Colosseum is located in the city of", "Paris", "The Colosseum", "The Colosseum stands in the city of"),
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--admin-token-file", help="enables the admin API (/admin/...), which needs this file's token")
+    p.add_argument("--upstream", help="route for another OpenAI-compatible server at this URL (vLLM) instead of "
+                                      "serving a model here; needs --routes")
+    p.add_argument("--routes", help="with --upstream: the folder `export --for vllm` wrote")
 
     store = sub.add_parser("store", help="list, roll back, squash, export and verify stored edits")
     ssub = store.add_subparsers(dest="action", required=True)
@@ -174,17 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", nargs="*", default=[], help="for create: its batches, in order")
     p.add_argument("--routing", choices=["subject", "none"], help="for create: how it serves (default: subject)")
     p.add_argument("--store", default="adapters")
-    for name, text in (("squash", "one adapter equal to a profile's stack"), ("export", "a squashed adapter for servers")):
-        p = ssub.add_parser(name, help=text)
+    for parent, name, text in ((ssub, "squash", "one adapter equal to a profile's stack"),
+                               (ssub, "export", EXPORT_HELP), (sub, "export", EXPORT_HELP)):
+        p = parent.add_parser(name, help=text)
+        p.set_defaults(action=name)
         p.add_argument("profile")
         p.add_argument("-o", "--out", required=True)
         _model_args(p)
         if name == "export":
             p.add_argument("--max-rank", type=int, default=64)
             p.add_argument("--compress", action="store_true", help="truncate by SVD to --max-rank if needed")
-            p.add_argument("--for", dest="target", choices=["nf4", "bf16", "fp32"],
-                           help="the base precision it will be served on; every edit is checked there "
-                                "(default: the one edited on)")
+            p.add_argument("--for", dest="target", choices=["nf4", "bf16", "fp32", "vllm"],
+                           help="the base precision it will be served on, checking every edit there (default: "
+                                "the one edited on); vllm: each routed batch as a LoRA module, plus routing.json")
             p.add_argument("--no-check", action="store_true", help="skip that check (it loads the base again)")
     return parser
 
@@ -307,6 +314,11 @@ def cmd_store(args) -> None:
         if args.action == "squash":
             rank = ke.squash(args.profile, args.out)
             print(f"squashed profile {args.profile} into {args.out} (rank {rank})")
+        elif args.target == "vllm":
+            table = ke.export_vllm(args.profile, args.out, args.max_rank)
+            print(f"exported profile {args.profile} to {args.out}: {len(table['modules'])} LoRA module(s) and "
+                  f"routing.json (routing {table['routing']}); start vLLM with\n  {table['vllm']}\nand route "
+                  f"for it with\n  kdpo-lora serve --upstream http://127.0.0.1:8000 --routes {args.out} --port 8001")
         else:
             report = ke.export(args.profile, args.out, args.max_rank, args.compress, args.target, not args.no_check)
             extra = f", SVD-compressed, max relative error {report['max_relative_error']:.2e}" if report["compressed"] else ""
@@ -375,6 +387,8 @@ def cmd_store(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if args.upstream or args.routes:
+        return _serve_proxy(args)
     token = None
     if args.admin_token_file:
         try:
@@ -397,7 +411,20 @@ def cmd_serve(args) -> None:
     serve(engine, admin, args.host, args.port)
 
 
-COMMANDS = {"serve": cmd_serve, "edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store,
+def _serve_proxy(args) -> None:
+    if not (args.upstream and args.routes):
+        raise KdpoError("--upstream and --routes go together: the server to route for, and the folder "
+                        "`export --for vllm` wrote")
+    import uvicorn
+
+    from .proxy import Routes, create_proxy
+
+    routes = Routes(args.routes)
+    print(f"routing profile {routes.profile} for {args.upstream} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_proxy(routes, args.upstream), host=args.host, port=args.port, log_level="warning")
+
+
+COMMANDS = {"serve": cmd_serve, "export": cmd_store, "edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "store": cmd_store,
             "estimate": cmd_estimate}
 
 

@@ -17,12 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import adapters, merged
+from . import adapters, merged, serving
 from .editor import Editor
 from .errors import StoreError
 from .requests import EditRequest
 from .routing import SubjectRouter
 from .store import AdapterStore
+
+
+_ROWS = object()  # `name` while the batches in memory serve rows of any profile (`row_adapters`)
 
 
 class ActiveProfile:
@@ -46,6 +49,8 @@ class ActiveProfile:
         self._requests_of: dict[str, list[EditRequest]] = {}  # stored batches' requests (batches never change)
         self._last_used: dict[str, int] = {}  # batch -> when it last served (a routed profile unloads the oldest)
         self._checked: set[str] = set()  # routed batches whose files and base model `use` has checked
+        self._routers: dict[tuple[str, ...], SubjectRouter] = {}  # by the batches they route (serving many profiles)
+        self._combined: dict[tuple[str, ...], str] = {}  # routes of several batches -> their concatenated adapter
 
     def store(self, create: bool = False) -> AdapterStore:
         return AdapterStore(self.store_path, create=create)
@@ -183,6 +188,63 @@ class ActiveProfile:
                 self._last_used.pop(name, None)
         order = {n: i for i, n in enumerate(self.batches)}
         editor.stack.sort(key=lambda n: order.get(n, len(order)))  # held in the profile's order
+
+    # ------------------------------------------------------------------ serving many profiles at once
+
+    def routes_in(self, profile: str | None, prompt: str) -> list[str] | None:
+        """The batches of `profile` (None: none) that serve `prompt`, read from the store now, without
+        making the profile active; None for an unrouted profile with batches (it is served whole, `use`)."""
+        if profile is None:
+            return []
+        store = self.store()
+        names, routing = store.listing(profile)
+        routing = self._checked_routing(profile, names, routing)
+        if not names:
+            return []
+        if routing != "subject":
+            return None
+        for name in names:
+            if name not in self._checked:
+                store.verify_batch(name, self.fingerprint, hashes=False)
+                self._checked.add(name)
+        key = tuple(names)
+        if key not in self._routers:
+            if len(self._routers) >= self.max_loaded:
+                self._routers.pop(next(iter(self._routers)))
+            self._routers[key] = SubjectRouter([(n, self.requests(n)) for n in names])
+        return self._routers[key].route(prompt)
+
+    def row_adapters(self, routes: Sequence[Sequence[str]]) -> list[str]:
+        """One peft adapter per row serving exactly its route: its batch, the exact concatenation of its
+        batches (`serving.fold`, kept for reuse), or peft's "__base__" for none. Loads what is missing;
+        the rows of one batch may route to batches of different profiles."""
+        from .batching import BASE
+
+        if self.name is not _ROWS:  # from a profile held whole (maybe merged into dense weights): hold nothing
+            self.use(None)
+            self.routing, self.name, self.batches, self.router = "subject", _ROWS, [], None
+        needed = list(dict.fromkeys(n for route in routes for n in route))
+        self.batches = needed  # `ensure_loaded` keeps them in this order, and unloads beyond max_loaded others
+        self.ensure_loaded(needed)
+        in_memory = set(adapters.adapter_names(self.editor.model))
+        self._combined = {k: v for k, v in self._combined.items() if v in in_memory}
+        out = []
+        for route in routes:
+            route = tuple(route)
+            if len(route) <= 1:
+                out.append(route[0] if route else BASE)
+                continue
+            if route not in self._combined:
+                name = f"kdpo_route_{len(self._combined)}_{abs(hash(route)) % 10**8}"
+                if not serving.combine(self.editor.model, route, name):
+                    raise StoreError(f"batches {', '.join(route)} cannot be combined into one adapter to serve "
+                                     "a prompt that names subjects of each")
+                self._combined[route] = name
+            out.append(self._combined[route])
+        wanted = {tuple(r) for r in routes}
+        for route in [r for r in self._combined if r not in wanted][:max(0, len(self._combined) - self.max_loaded)]:
+            self.editor.unload(self._combined.pop(route))  # the oldest combinations this batch does not use
+        return out
 
     def mark_used(self, names: Sequence[str]) -> None:
         clock = max(self._last_used.values(), default=0)

@@ -23,6 +23,7 @@ from .errors import RequestError
 from .requests import EditRequest
 
 T = TypeVar("T")
+ROUTING_TABLE = "routing.json"  # of an export for vLLM: its modules, their facts, the vLLM command line
 
 
 def has_subject(request: EditRequest) -> bool:

@@ -7,8 +7,9 @@ exactly as `KnowledgeEditor.generate` routes it, and says which batches served i
 `kdpo_batches` field and the `X-KDPO-Batches` header. A new or empty store serves its `default`
 profile: the unedited model. Errors are OpenAI-style JSON bodies with a 4xx status.
 
-One base model is loaded once; generations run one at a time under a lock (the model's active
-adapters are one piece of state), so a generation never sees a half-loaded batch.
+One base model is loaded once. Requests are batched together, also across profiles and routes
+(peft runs a different adapter on each row); one thread owns the model and loads batches only
+between forward passes, so a generation never sees a half-loaded batch.
 
 The admin API (`/admin/...`) changes the store: it exists only when an admin token is configured,
 answers 401 without it (compared in constant time, never logged), and appends every action to the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from contextlib import asynccontextmanager
 from pathlib import Path
 import threading
 import time
@@ -29,15 +31,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
+from peft import PeftModel
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .batching import Batcher, Group, Row
 from .errors import KdpoError, RequestError
 from .fsutil import append_line
 from .requests import check_batch, parse_record
 from .session import KnowledgeEditor
 from .store import AUDIT_LOG, DEFAULT_PROFILE, check_name
 MAX_TOKENS_DEFAULT = 64
+MAX_IN_FLIGHT = 1024  # requests the server holds at once (each waits in a worker thread)
 COMPARE_TOKENS = 24
 OPERATOR_PAGE = Path(__file__).resolve().parent / "web" / "operator.html"
 
@@ -60,16 +65,29 @@ class Completion:
 
 
 class Engine:
-    """Generation for the server: one base model, the store's profiles, one generation at a time."""
+    """Generation for the server: one base model, the store's profiles, requests batched together
+    (`batching.Batcher`: one thread owns the model; each row runs with its own batches)."""
 
-    def __init__(self, editor: KnowledgeEditor, profiles: Sequence[str] | None = None):
+    def __init__(self, editor: KnowledgeEditor, profiles: Sequence[str] | None = None, max_rows: int = 32):
         self.editor = editor
         self.only = list(profiles) if profiles else None
-        self.lock = threading.Lock()
+        self.max_rows = max_rows
+        self._batcher: Batcher | None = None
+        self._start = threading.Lock()
 
     @property
     def tokenizer(self):
         return self.editor.loaded.tokenizer
+
+    @property
+    def batcher(self) -> Batcher:
+        with self._start:  # the thread starts with the first request
+            if self._batcher is None:
+                config = self.editor.model.generation_config
+                eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+                eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+                self._batcher = Batcher(lambda: self.editor.model, self.tokenizer, self._plan, eos_ids, self.max_rows)
+            return self._batcher
 
     def models(self) -> list[str]:
         store = self.editor.store(create=True)
@@ -77,103 +95,108 @@ class Engine:
         return [n for n in names if self.only is None or n in self.only]
 
     def check_model(self, model: str) -> None:
-        if model not in self.models():
-            raise ApiError(404, f"the model {model!r} does not exist (models: {', '.join(self.models())})",
-                           code="model_not_found")
+        """A profile, or a stored batch served alone (as vLLM serves one LoRA module; `serve --upstream`)."""
+        if model in self.models():
+            return
+        store = self.editor.store(create=True)
+        if self.only is None and store.exists() and model in {b.name for b in store.batches()}:
+            return
+        raise ApiError(404, f"the model {model!r} does not exist (models: {', '.join(self.models())})",
+                       code="model_not_found")
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The conversation as the model's chat template writes it, ready for the assistant's turn."""
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        with self.batcher.tokenizer_lock:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _activate(self, profile: str | None, prompt: str) -> list[str]:
-        """Make `profile` active (None, or an empty store: no edits) and name the batches serving `prompt`."""
-        names = self.editor.use(profile if profile is not None and self.editor.store(create=True).exists() else None)
-        if not names:
-            return []
-        return self.editor.route(prompt) if self.editor.router is not None else list(names)
-
-    def _encode(self, prompt: str, max_tokens: int):
-        ids = self.tokenizer(prompt, return_tensors="pt").to(self.editor.editor.device)
+    def _row(self, profile: str | None, prompt: str, max_tokens: int, temperature: float, top_p: float,
+             stop: list[str]) -> Row:
+        if profile is not None:
+            self.check_model(profile)
+        with self.batcher.tokenizer_lock:
+            ids = self.tokenizer(prompt).input_ids
         limit = self.editor.editor.max_length
-        if limit is not None and ids.input_ids.shape[1] + max_tokens > limit:
-            raise ApiError(400, f"prompt of {ids.input_ids.shape[1]} tokens + max_tokens {max_tokens} is longer "
+        if limit is not None and len(ids) + max_tokens > limit:
+            raise ApiError(400, f"prompt of {len(ids)} tokens + max_tokens {max_tokens} is longer "
                                 f"than the model's context of {limit}", code="context_length_exceeded")
-        return ids
+        row = Row(ids, profile, prompt, max_tokens, temperature, top_p, stop)
+        self.batcher.submit(row)
+        return row
 
-    def _generate_kwargs(self, ids, max_tokens: int, temperature: float, top_p: float) -> dict:
-        sample = temperature > 0
-        kwargs = dict(**ids, max_new_tokens=max_tokens, do_sample=sample,
-                      pad_token_id=self.tokenizer.pad_token_id)
-        if sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        return kwargs
+    def _plan(self, rows: list[Row], running: list[list[str]] | None) -> tuple[Group, list[Row]]:
+        """Which waiting rows decode now, and with which adapters. Every row's batches are read from
+        the store as it starts, once: a batch stored or rolled back is served from the next request
+        on, and no row sees a profile half-changed. Rows of routed profiles (and of the unedited
+        model) share a batch whatever their profile, and join one being decoded (`running`: its rows'
+        routes); an unrouted profile is held whole, so its rows go together, alone."""
+        active = self.editor.active
+        store = self.editor.store(create=True)
+        profiles = set(store.profiles()) if store.exists() else set()
+        batches = {b.name for b in store.batches()} if store.exists() else set()
+        planned: list[tuple[Row, list[str] | None]] = []
+        for row in rows:
+            try:
+                if row.profile in profiles:
+                    route = active.routes_in(row.profile, row.prompt)
+                elif row.profile in batches:
+                    route = [row.profile]  # a batch alone
+                else:
+                    route = []  # the unedited model (None, or a new store's default profile)
+                planned.append((row, route))
+            except KdpoError as err:  # a damaged store: this row's client is told, the others go on
+                row.events.put(("error", err))
+        whole = running is None and planned and planned[0][1] is None and planned[0][0].profile
+        if whole:  # the oldest row's profile is unrouted: its rows now, the others after
+            group = [row for row, route in planned if route is None and row.profile == whole]
+            names = active.use(whole)
+            for row in group:
+                row.route = list(names)
+                row.events.put(("batches", row.route))
+            return Group(group, None, joinable=False), [row for row, _ in planned if row not in group]
+        mixed = [(row, route) for row, route in planned if route is not None]
+        if not mixed:
+            return Group([], None), [row for row, _ in planned]
+        earlier = running or []
+        adapters = active.row_adapters(earlier + [route for _, route in mixed])[len(earlier):]
+        for row, route in mixed:
+            row.route = list(route)
+            row.events.put(("batches", row.route))
+        taken = {id(row) for row, _ in mixed}
+        per_row = isinstance(self.editor.model, PeftModel)  # without any adapter, rows need no names
+        return (Group([row for row, _ in mixed], adapters if per_row else None),
+                [row for row, _ in planned if id(row) not in taken])
+
+    @staticmethod
+    def _next(row: Row) -> tuple:
+        event = row.events.get()
+        if event[0] == "error":
+            raise event[1]
+        return event
 
     def complete(self, profile: str | None, prompt: str, max_tokens: int, temperature: float, top_p: float,
                  stop: list[str]) -> Completion:
         """`prompt` continued with `profile`'s edits (None: the unedited model)."""
-        if profile is not None:
-            self.check_model(profile)
-        with self.lock:
-            ids = self._encode(prompt, max_tokens)
-            batches = self._activate(profile, prompt)
-            with self._serving(batches):
-                out = self.editor.model.generate(**self._generate_kwargs(ids, max_tokens, temperature, top_p))
-        new = out[0, ids.input_ids.shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        text, stopped = _cut(text, stop)
-        ended = stopped or (len(new) < max_tokens) or (self.tokenizer.eos_token_id in new.tolist())
-        return Completion(text, "stop" if ended else "length", ids.input_ids.shape[1], len(new), batches)
+        row = self._row(profile, prompt, max_tokens, temperature, top_p, stop)
+        batches, text = self._next(row)[1], ""
+        while (event := self._next(row))[0] == "text":
+            text += event[1]
+        return Completion(text, event[1], len(row.ids), event[2], batches)
 
     def stream(self, profile: str, prompt: str, max_tokens: int, temperature: float, top_p: float,
                stop: list[str]) -> tuple[list[str], Iterator[str]]:
         """The batches serving `prompt`, and its text as it is generated."""
-        from transformers import TextIteratorStreamer
-
-        self.check_model(profile)
-        self.lock.acquire()
-        try:
-            ids = self._encode(prompt, max_tokens)
-            batches = self._activate(profile, prompt)
-        except BaseException:
-            self.lock.release()
-            raise
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-        def run() -> None:
-            with self._serving(batches):
-                self.editor.model.generate(**self._generate_kwargs(ids, max_tokens, temperature, top_p),
-                                           streamer=streamer)
+        row = self._row(profile, prompt, max_tokens, temperature, top_p, stop)
+        batches = self._next(row)[1]
 
         def pieces() -> Iterator[str]:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
             try:
-                sent = ""
-                for piece in streamer:
-                    cut, stopped = _cut(sent + piece, stop)
-                    if cut[len(sent):]:
-                        yield cut[len(sent):]
-                    sent = cut
-                    if stopped:
-                        break
-            finally:  # also when the client goes away: the model is free only once the generation ends
-                worker.join()
-                self.lock.release()
+                while (event := self._next(row))[0] == "text":
+                    yield event[1]
+            finally:  # also when the client goes away: its row leaves the batch at the next step
+                row.cancelled = True
         return batches, pieces()
-
-    def _serving(self, batches: list[str]):
-        """Routed: exactly `batches` (none: the unedited model); unrouted: the profile as `use` holds it."""
-        from contextlib import nullcontext
-
-        return self.editor.serving(batches) if self.editor.router is not None else nullcontext()
-
-
-def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
-    """`text` up to the first stop sequence, and whether one was found."""
-    ends = [text.find(s) for s in stop if s and s in text]
-    return (text[:min(ends)], True) if ends else (text, False)
 
 
 # --------------------------------------------------------------------------- admin: edit jobs and the audit log
@@ -348,9 +371,19 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+@asynccontextmanager
+async def _many_threads(app):
+    """A request waiting for its tokens holds a worker thread; with anyio's default of 40, the 41st
+    client - or an operator's rollback - would wait for a whole generation to end."""
+    import anyio.to_thread
+
+    anyio.to_thread.current_default_thread_limiter().total_tokens = MAX_IN_FLIGHT
+    yield
+
+
 def create_app(engine: Engine, admin: Admin | None = None):
     """The FastAPI application serving `engine` (and, with `admin`, the admin API)."""
-    app = FastAPI(title="kdpo-lora", docs_url=None, redoc_url=None)
+    app = FastAPI(title="kdpo-lora", docs_url=None, redoc_url=None, lifespan=_many_threads)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):

@@ -85,6 +85,22 @@ def fold(model: PeftModel, names: Sequence[str], folded_name: str) -> bool:
     return True
 
 
+def combine(model: PeftModel, names: Sequence[str], combined_name: str) -> bool:
+    """Add one adapter equal to `names` active together (their exact concatenation), leaving them and
+    the active set as they are; False (nothing added) for variants that cannot be concatenated."""
+    try:
+        check_squashable(model, names)
+    except StoreError:
+        return False
+    active = list(model.base_model.active_adapters)
+    model.add_weighted_adapter(list(names), [1.0] * len(names), adapter_name=combined_name, combination_type="cat")
+    model.base_model.set_adapter(active)
+    model.active_adapter = active[-1]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return True
+
+
 def compact_stack(model: torch.nn.Module, stack: Sequence[str]) -> tuple[torch.nn.Module, list[str]]:
     """Hold the frozen `stack` as cheaply as it can be held exactly; returns the model and new stack.
 

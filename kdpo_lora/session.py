@@ -13,6 +13,7 @@ model is loaded once.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import warnings
 from dataclasses import replace
@@ -29,9 +30,9 @@ from .evaluate import evaluate_requests, pre_edit_locality, score_targets, summa
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .requests import EditRequest
 from .profiles import ActiveProfile, ProfileRoutes
-from .routing import SubjectRouter, by_route, check_routable
+from .routing import ROUTING_TABLE, SubjectRouter, by_route, check_routable
 from .serving import export_for_serving, squash
-from .store import DEFAULT_PROFILE, AdapterStore, ProfileChanged, check_name, warn_superseded
+from .store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_PROFILE, AdapterStore, ProfileChanged, check_name, warn_superseded
 
 
 EXPORT_TARGETS = ("nf4", "bf16", "fp32")  # the base precisions an export is checked on
@@ -269,6 +270,44 @@ class KnowledgeEditor:
                           KdpoWarning, stacklevel=2)
         return report
 
+    def export_vllm(self, profile: str, out_dir: str | Path, max_rank: int = 64) -> dict:
+        """`profile` as LoRA modules vLLM loads, plus the routing table `serve --upstream` routes with.
+
+        Routed, each batch is its own module (`<out>/<batch>/`), since each prompt is served by the
+        batches whose subjects it names; unrouted, the whole stack is one squashed module. Every
+        module is plain LoRA in bf16 with rank <= `max_rank` (vLLM's `--max-lora-rank`). The table
+        (`routing.json`) lists each module's facts and the command line that starts vLLM with them.
+        """
+        store = self.store()
+        names, routing = store.listing(profile)
+        if not names:
+            raise StoreError(f"profile {profile!r} has no batches: nothing to export")
+        out = Path(out_dir)
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+            staging = Path(tmp) / "export"
+            staging.mkdir()
+            if routing == "subject":
+                for name in names:
+                    folder = store.verify_batch(name, self.fingerprint)
+                    (staging / name).mkdir()
+                    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                        shutil.copyfile(folder / file, staging / name / file)
+                    export_for_serving(staging / name, self.base_model_name, max_rank)
+                modules = {n: [r.to_dict() for r in self.active.requests(n)] for n in names}
+            else:
+                squash(self.model, self.active.as_adapters(profile), staging / profile, self.base_model_name)
+                export_for_serving(staging / profile, self.base_model_name, max_rank)
+                modules = {profile: [r.to_dict() for r in self._latest_requests(names)]}
+            rank = max(json.loads((staging / m / ADAPTER_CONFIG).read_text())["r"] for m in modules)
+            table = {"profile": profile, "routing": routing, "base_model": self.base_model_name, "upstream_base": "base",
+                     "base_fingerprint": self.fingerprint, "order": list(modules), "modules": modules,
+                     "vllm": f"vllm serve {self.base_model_name} --served-model-name base --enable-lora "
+                             f"--max-lora-rank {vllm_rank(rank)} --max-loras {min(len(modules), 16)} --lora-modules "
+                             + " ".join(f"{m}={out.resolve() / m}" for m in modules)}
+            (staging / ROUTING_TABLE).write_text(json.dumps(table, indent=2, ensure_ascii=False))
+            _publish(staging, out)
+        return table
+
     def _latest_requests(self, batches: Sequence[str]) -> list[EditRequest]:
         """The facts `batches` serve: for a prompt edited more than once, its last edit."""
         latest: dict[str, EditRequest] = {}
@@ -291,6 +330,11 @@ class KnowledgeEditor:
                              [r.target_new for r in requests])
         del served, model, base
         return [r.prompt for r, row in zip(requests, rows) if row["argmax"] != row["target"]]
+
+
+def vllm_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`."""
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
 
 
 def _publish(staging: Path, out: Path) -> None:

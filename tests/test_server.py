@@ -222,6 +222,151 @@ def test_bad_admin_requests_are_refused_and_change_nothing(server, path, body, w
     assert snapshot(ke.store_path) == before
 
 
+def test_200_requests_in_flight_while_an_edit_trains_and_a_rollback_happens(server):
+    """Every answer is the one its batches give (so it saw one consistent profile), nothing is lost,
+    and the store verifies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, ke = server
+    eiffel, louvre = QUESTION, "The Louvre is located in the city of"
+    _post(url + "/admin/profiles", json.dumps({"profile": "storm", "copy_from": "default"}).encode(), TOKEN)
+
+    def ask(prompt: str, model: str = "storm") -> tuple[str, tuple[str, ...]]:
+        code, answer = _post(url + "/v1/completions", json.dumps({"model": model, "prompt": prompt,
+                                                                  "max_tokens": 4}).encode())
+        assert code == 200, answer
+        return answer["choices"][0]["text"], tuple(answer["kdpo_batches"])
+
+    expected = {(eiffel, ("eiffel-rome",)): ask(eiffel, "default")[0], (eiffel, ()): ask(eiffel, "plain")[0],
+                (louvre, ()): ask(louvre, "plain")[0]}
+    code, job = _post(url + "/admin/edits", json.dumps({"profile": "storm", "name": "louvre-berlin", "requests": [
+        {"prompt": louvre, "target_new": "Berlin", "subject": "The Louvre"}]}).encode(), TOKEN)
+    assert code == 202
+    prompts = [(eiffel, louvre, "The capital of Japan is")[i % 3] for i in range(200)]
+    with ThreadPoolExecutor(200) as pool:
+        futures = [pool.submit(ask, p) for p in prompts]
+        while sum(f.done() for f in futures) < 60:
+            time.sleep(0.05)
+        training = _post(f"{url}/admin/jobs/{job['job']}", None, TOKEN)[1]["status"]
+        code, _ = _post(url + "/admin/rollback", json.dumps({"profile": "storm", "batch": "eiffel-rome"}).encode(), TOKEN)
+        assert code == 200
+        answers = [f.result() for f in futures]
+    assert _wait(url, job["job"])["status"] == "stored" and training in ("queued", "running", "stored")
+    expected[(louvre, ("louvre-berlin",))] = ask(louvre)[0]
+    expected[("The capital of Japan is", ())] = ask("The capital of Japan is", "plain")[0]
+    seen = {(p, batches) for p, (_, batches) in zip(prompts, answers)}
+    assert (eiffel, ("eiffel-rome",)) in seen and (eiffel, ()) in seen  # the rollback happened mid-flight
+    for prompt, (text, batches) in zip(prompts, answers):
+        assert text == expected[(prompt, batches)], (prompt, batches, text)
+    assert ke.store().profile("storm") == ["louvre-berlin"] and ke.store().verify(ke.fingerprint) == []
+    assert ke.store().profile("default") == ["eiffel-rome"]
+
+
+def test_export_for_vllm_and_the_router_in_front_of_an_upstream_server(server, client, tmp_path):
+    """`store export --for vllm` writes one LoRA module per routed batch and a routing table; `serve
+    --upstream` routes for a server that takes the modules by name: here kdpo-lora's own (a stored
+    batch's name serves that batch alone, and an empty profile "base" the unedited model)."""
+    import uvicorn
+    from openai import OpenAI
+    from safetensors.torch import load_file
+
+    from kdpo_lora.proxy import Routes, create_proxy
+
+    url, ke = server
+    table = ke.export_vllm("default", tmp_path / "vllm")
+    module = tmp_path / "vllm" / "eiffel-rome"
+    config = json.loads((module / "adapter_config.json").read_text())
+    assert table["order"] == ["eiffel-rome"] and table["modules"]["eiffel-rome"][0]["target_new"] == "Rome"
+    assert config["peft_type"] == "LORA" and config["r"] <= 64 and not config["use_dora"]
+    assert {str(t.dtype) for t in load_file(str(module / "adapter_model.safetensors")).values()} == {"torch.bfloat16"}
+    assert f"--lora-modules eiffel-rome={module.resolve()}" in table["vllm"] and "--served-model-name base" in table["vllm"]
+    if "base" not in ke.store().profiles():
+        ke.store().create_profile("base", [])
+    port = _free_port()
+    proxy = uvicorn.Server(uvicorn.Config(create_proxy(Routes(tmp_path / "vllm"), url), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=proxy.run, daemon=True)
+    thread.start()
+    while not proxy.started:
+        time.sleep(0.05)
+    try:
+        routed = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        assert [m.id for m in routed.models.list()] == ["default"]
+        for prompt in (QUESTION, "The capital of Japan is"):
+            direct = client.completions.create(model="default", prompt=prompt, max_tokens=6)
+            via = routed.completions.create(model="default", prompt=prompt, max_tokens=6)
+            assert via.choices[0].text == direct.choices[0].text and via.model == "default"
+            assert via.model_extra["kdpo_batches"] == direct.model_extra["kdpo_batches"]
+        pieces = routed.completions.create(model="default", prompt=QUESTION, max_tokens=6, stream=True)
+        assert "".join(c.choices[0].text for c in pieces) == direct_text(client, QUESTION)
+        messages = [{"role": "user", "content": "Where is the Eiffel Tower?"}]
+        assert routed.chat.completions.create(model="default", messages=messages, max_tokens=8).choices[0].message.content \
+            == client.chat.completions.create(model="default", messages=messages, max_tokens=8).choices[0].message.content
+        code, answer = _post(f"http://127.0.0.1:{port}/v1/completions", json.dumps({"model": "ghost", "prompt": "x"}).encode())
+        assert code == 404 and "does not exist" in answer["error"]["message"]
+    finally:
+        proxy.should_exit = True
+        thread.join(timeout=30)
+
+
+def direct_text(client, prompt: str) -> str:
+    return client.completions.create(model="default", prompt=prompt, max_tokens=6).choices[0].text
+
+
+def _start_cli_server(store, token_file, port: int):
+    import os
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "kdpo_lora.cli", "serve", "--store", str(store), "--port", str(port),
+                                "--admin-token-file", str(token_file)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
+            return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_a_server_killed_while_an_edit_trains_loses_nothing_and_the_job_can_be_resubmitted(tmp_path):
+    import signal
+
+    from kdpo_lora.store import AdapterStore
+
+    store, token_file, port = tmp_path / "store", tmp_path / "token", _free_port()
+    token_file.write_text(TOKEN)
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({"profile": "default", "name": "louvre-berlin", "requests": [
+        {"prompt": "The Louvre is located in the city of", "target_new": "Berlin", "subject": "The Louvre"}]}).encode()
+    process = _start_cli_server(store, token_file, port)
+    try:
+        code, job = _post(url + "/admin/edits", body, TOKEN)
+        assert code == 202
+        while _post(f"{url}/admin/jobs/{job['job']}", None, TOKEN)[1]["status"] == "queued":
+            time.sleep(0.2)
+        time.sleep(3)  # training (or loading its own copy of the base to train on)
+        assert _post(f"{url}/admin/jobs/{job['job']}", None, TOKEN)[1]["status"] == "running"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    process = _start_cli_server(store, token_file, port)
+    try:
+        code, answer = _post(f"{url}/admin/jobs/{job['job']}", None, TOKEN)
+        assert code == 404 and "submit it again" in answer["error"]["message"]
+        if (store / "manifest.json").exists():  # the store verifies and holds no half-written batch
+            assert AdapterStore(store).verify() == [] and AdapterStore(store).profiles().get("default", []) == []
+        code, job = _post(url + "/admin/edits", body, TOKEN)
+        assert code == 202 and _wait(url, job["job"])["status"] == "stored"
+        assert AdapterStore(store).profile("default") == ["louvre-berlin"] and AdapterStore(store).verify() == []
+    finally:
+        process.kill()
+
+
 # --------------------------------------------------------------------------- the operator page, in a real browser
 
 
