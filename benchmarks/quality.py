@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpoints", type=int, default=5, help="curve points over the run")
     p.add_argument("--no-generation", action="store_true")
+    p.add_argument("--asking", action="store_true", help="also ask each fact through the chat template "
+                                                        "(questions, paraphrases, long form, repetition: asking.py)")
     p.add_argument("--config", help="YAML file or shipped name of edit settings over the defaults (e.g. paper, unrouted)")
     p.add_argument("--store", help="keep the adapter store (and the run's progress) here; running the same "
                                    "command again resumes after the last finished batch")
@@ -89,7 +91,7 @@ def main() -> None:
             if edited:
                 seconds.append(time.perf_counter() - began)
                 right_after += evaluate_requests(model(), tokenizer, batch, pre[start:start + len(batch)], False,
-                                                 route())
+                                                 route(), args.asking)
             done = start + len(batch)
             if done % every == 0 or done == len(requests):
                 rows = evaluate_requests(model(), tokenizer, requests[:done], pre[:done], False, route())
@@ -107,15 +109,34 @@ def main() -> None:
         if ke and _stored_batches(ke):
             ke.use(DEFAULT_PROFILE)  # a resumed run that had nothing left to edit
         if last_rows is None:
-            last_rows = evaluate_requests(model(), tokenizer, requests, pre, not args.no_generation, route())
+            last_rows = evaluate_requests(model(), tokenizer, requests, pre, not args.no_generation, route(), args.asking)
         final = summarise(last_rows)
         final["fluency"] = fluency(model(), tokenizer, [r.prompt for r in requests[:20]], route=route())
         final["fluency_before"] = fluency_before
     summary = {"final": final, "right_after_each_edit": summarise(right_after), "curve": curve,
                "median_seconds_per_batch": statistics.median(seconds), "skipped_already_satisfied": skipped}
+    summary["summary_row"] = summary_row(final)
+    print("summary:", summary["summary_row"])
     print("final:", {k: round(v, 4) for k, v in final.items()})
     print("right after:", {k: round(v, 4) for k, v in summary["right_after_each_edit"].items()})
     write(args.out, {**header, **summary})
+
+
+SUMMARY_ROW = (("edit success", "edit_success"), ("locality", "locality"), ("paraphrase tf", "rephrase_acc"),
+               ("paraphrase gen", "gen_paraphrase"), ("chat question", "chat_question"),
+               ("chat paraphrase", "chat_paraphrase"), ("aliases", "portability_Subject_Aliasing"),
+               ("same subject kept", "locality_Relation_Specificity"), ("repetition", "repetition"),
+               ("long-form entropy (unedited)", None), ("fluency (unedited)", None))
+
+
+def summary_row(final: dict) -> dict:
+    """One line per set-up: what a user of the edited model sees."""
+    row = {label: round(final[key], 3) for label, key in SUMMARY_ROW if key and key in final}
+    for label, key in (("long-form entropy (unedited)", "long_form_entropy"), ("fluency (unedited)", "fluency")):
+        if key in final:
+            before = final.get(key + "_unedited", final.get(key + "_before"))
+            row[label] = f"{final[key]:.2f} ({before:.2f})" if before is not None else round(final[key], 2)
+    return row
 
 
 class Progress:

@@ -33,7 +33,7 @@ from .config import EditConfig
 from .errors import NumericalError, RequestError
 from .methods import METHODS
 from .prefix import frozen_prefix
-from .regularisers import Preservation, preservation_prompts, with_context
+from .regularisers import Preservation, as_questions, preservation_prompts, with_context
 from .requests import EditRequest, check_batch
 from .serving import compact_stack
 
@@ -121,6 +121,8 @@ class Editor:
         name = name or new_adapter_name()
         n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
         rows = with_context(requests, cfg.context_prefixes, cfg.seed)
+        if cfg.chat_questions:
+            rows += as_questions(requests, self.tokenizer)
         batch = self.encode([p for p, _ in rows], [t for _, t in rows], n)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()

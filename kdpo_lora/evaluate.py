@@ -161,7 +161,7 @@ def pre_edit_locality(model, tokenizer, requests: Sequence[EditRequest]) -> list
 
 @torch.no_grad()
 def evaluate_requests(model, tokenizer, requests: Sequence[EditRequest], pre_locality: Sequence[list[list[int]]],
-                      generation: bool = True, route: Route | None = None) -> list[dict[str, float]]:
+                      generation: bool = True, route: Route | None = None, asking: bool = False) -> list[dict[str, float]]:
     """All metrics of each request on the model as it is now (edits active; with `route`, each
     prompt with the adapters it routes to).
 
@@ -177,8 +177,14 @@ def evaluate_requests(model, tokenizer, requests: Sequence[EditRequest], pre_loc
         prompts = [pair[0] for p in probes for pair in p.edit + p.rephrase]
         targets = [r.target_new for r, p in zip(requests, probes) for _ in p.edit + p.rephrase]
         matches = iter(generation_matches(model, tokenizer, prompts, targets, route))
-    return [_metrics(r, s, pre, [next(matches) for _ in range(1 + len(r.rephrase_prompts))] if generation else [])
+    rows = [_metrics(r, s, pre, [next(matches) for _ in range(1 + len(r.rephrase_prompts))] if generation else [])
             for r, s, pre in zip(requests, scored, pre_locality)]
+    if asking:  # questions through the chat template, long answers, repetition (asking.py)
+        from .asking import asking_metrics
+
+        for row, asked in zip(rows, asking_metrics(model, tokenizer, requests, route)):
+            row.update(asked)
+    return rows
 
 
 def evaluate_request(model, tokenizer, request: EditRequest, pre_locality: list[list[int]],

@@ -42,6 +42,13 @@ class TargetBatch:
         return self.labels.shape[1]
 
 
+def token_ids(tokenizer, text: str) -> list[int]:
+    """`text`'s token ids, with the tokenizer's special tokens unless the text already starts with its
+    BOS (a chat template's output does: a second one would be a prompt the model never saw)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+
 def tokenize_pair(tokenizer, prompt: str, target: str, max_target_tokens: int = 64,
                   max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of prompt and target such that prompt_ids + target_ids tokenises `prompt target`.
@@ -49,14 +56,16 @@ def tokenize_pair(tokenizer, prompt: str, target: str, max_target_tokens: int = 
     Tokenising the joined text keeps the tokenizer's own merges at the boundary; if the prompt's
     tokens are not a prefix of the joined tokens, the target is tokenised on its own.
     """
-    prompt = prompt.rstrip()
+    # a prompt ending a line (a chat template's assistant turn) is answered on the next; else after a space
+    space = "" if prompt.endswith("\n") else " "
+    prompt = prompt if not space else prompt.rstrip()
     target = target.strip()
-    prompt_ids = tokenizer(prompt).input_ids
-    joined_ids = tokenizer(f"{prompt} {target}").input_ids
+    prompt_ids = token_ids(tokenizer, prompt)
+    joined_ids = token_ids(tokenizer, f"{prompt}{space}{target}")
     if joined_ids[: len(prompt_ids)] == prompt_ids:
         target_ids = joined_ids[len(prompt_ids):]
     else:
-        target_ids = tokenizer(f" {target}", add_special_tokens=False).input_ids
+        target_ids = tokenizer(f"{space}{target}", add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None and target_ids and target_ids[-1] == tokenizer.eos_token_id:
         target_ids = target_ids[:-1]  # some tokenizers append EOS; the edit is about the words
     if not target_ids:

@@ -36,8 +36,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .batching import Batcher, Group, Row
-from .errors import KdpoError, RequestError
+from .errors import KdpoError, RequestError, StoreError
 from .fsutil import append_line
+from .objectives import token_ids
 from .requests import check_batch, parse_record
 from .session import KnowledgeEditor
 from .store import AUDIT_LOG, DEFAULT_PROFILE, check_name
@@ -116,7 +117,7 @@ class Engine:
         if profile is not None:
             self.check_model(profile)
         with self.batcher.tokenizer_lock:
-            ids = self.tokenizer(prompt).input_ids
+            ids = token_ids(self.tokenizer, prompt)
         limit = self.editor.editor.max_length
         if limit is not None and len(ids) + max_tokens > limit:
             raise ApiError(400, f"prompt of {len(ids)} tokens + max_tokens {max_tokens} is longer "
@@ -142,8 +143,10 @@ class Engine:
                     route = active.routes_in(row.profile, row.prompt)
                 elif row.profile in batches:
                     route = [row.profile]  # a batch alone
+                elif row.profile is None or not store.exists():
+                    route = []  # the unedited model (a new store serves its default profile so)
                 else:
-                    route = []  # the unedited model (None, or a new store's default profile)
+                    raise StoreError(f"the model {row.profile!r} was removed from the store")
                 planned.append((row, route))
             except KdpoError as err:  # a damaged store: this row's client is told, the others go on
                 row.events.put(("error", err))
