@@ -242,16 +242,16 @@ def cmd_generate(args) -> None:
     ke = _editor(args)
     edited = None if args.no_edits else ke.generate(args.prompt, args.profile, args.max_new_tokens)
     # which batches served each prompt: routed, those naming its subject; unrouted, the whole profile
-    routes = None if edited is None else [ke.route(p) if ke.router is not None else ke.active.batches
-                                          for p in args.prompt]
+    routes = None if edited is None else [ke.route.explain(p) for p in args.prompt]
     base = ke.generate(args.prompt, None, args.max_new_tokens) if (args.no_edits or args.compare) else None
     for i, prompt in enumerate(args.prompt):
         print(prompt)
         if base is not None:
             print(f"  base  : {base[i]!r}")
         if edited is not None:
-            routed = f" (batches: {', '.join(routes[i]) or 'none'})" if routes is not None else ""
-            print(f"  edited: {edited[i]!r}{routed}")
+            print(f"  edited: {edited[i]!r} (batches: {', '.join(b for b, _ in routes[i]) or 'none'})")
+            for batch, why in routes[i]:
+                print(f"    {batch}: {why}")
 
 
 def cmd_demo(args) -> None:

@@ -51,6 +51,7 @@ class ActiveProfile:
         self._checked: set[str] = set()  # routed batches whose files and base model `use` has checked
         self._routers: dict[tuple[str, ...], SubjectRouter] = {}  # by the batches they route (serving many profiles)
         self._combined: dict[tuple[str, ...], str] = {}  # routes of several batches -> their concatenated adapter
+        self._made = 0  # combined adapters made so far (their names)
 
     def store(self, create: bool = False) -> AdapterStore:
         return AdapterStore(self.store_path, create=create)
@@ -216,7 +217,7 @@ class ActiveProfile:
 
     def row_adapters(self, routes: Sequence[Sequence[str]]) -> list[str]:
         """One peft adapter per row serving exactly its route: its batch, the exact concatenation of its
-        batches (`serving.fold`, kept for reuse), or peft's "__base__" for none. Loads what is missing;
+        batches (`serving.combine`, kept for reuse), or peft's "__base__" for none. Loads what is missing;
         the rows of one batch may route to batches of different profiles."""
         from .batching import BASE
 
@@ -235,7 +236,8 @@ class ActiveProfile:
                 out.append(route[0] if route else BASE)
                 continue
             if route not in self._combined:
-                name = f"kdpo_route_{len(self._combined)}_{abs(hash(route)) % 10**8}"
+                self._made += 1
+                name = f"kdpo_route_{self._made}"
                 if not serving.combine(self.editor.model, route, name):
                     raise StoreError(f"batches {', '.join(route)} cannot be combined into one adapter to serve "
                                      "a prompt that names subjects of each")
@@ -262,6 +264,13 @@ class ProfileRoutes:
 
     def __call__(self, prompt: str) -> list[str]:
         return self._active.route(prompt)
+
+    def explain(self, prompt: str) -> list[tuple[str, str]]:
+        """Why each batch serves `prompt`: (batch, the subject it names), or the whole unrouted profile."""
+        router = self._active.router
+        if router is not None:
+            return router.explain(prompt)
+        return [(name, "unrouted profile: every batch") for name in self._active.batches]
 
     def serve(self, names: Sequence[str]):
         return self._active.serving(names)

@@ -2,15 +2,15 @@
 
 Stacked LoRA edits all act on every prompt, and after many edits their small unrelated changes add
 up on prompts no edit was about (benchmarks/notes, 4o-4q). With `routing: subject`, each prompt runs with
-just the batches holding a request whose subject occurs in it (whole words, case and spacing
-ignored, a leading "the" optional); a prompt that names no edited subject gets the unedited model,
+just the batches holding a request whose subject it names (whole words, case and spacing ignored,
+a leading "the" optional, not inside a longer name: "Paris" is not named in "Paris Hilton"); a prompt that names no edited subject gets the unedited model,
 exactly. A batch with a request that has no subject cannot be routed and is always on. A batch is
 trained on top of only the batches it will be served with - those its prompts name a subject of,
 and those with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
 
 What it cannot do: a prompt that refers to an edited subject without naming it (a pronoun, an
-alias, a multi-hop question) does not see the edit. Serving the same way needs the router in front
-of the model: vLLM takes one LoRA adapter per request (each batch is its own adapter folder).
+alias, a multi-hop question) does not see the edit. Serving needs the router in front of the model
+(`kdpo-lora serve`, or `serve --upstream` in front of vLLM).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def has_subject(request: EditRequest) -> bool:
     return bool(request.subject and request.subject.strip())
 
 
-def subject_key(subject: str) -> str:
-    """How a subject is matched: case-folded, single-spaced, without a leading article "the"."""
-    key = " ".join(subject.casefold().split())
-    return key[4:] if key.startswith("the ") and len(key) > 4 else key
+def _words(subject: str) -> str:
+    """A subject as the router matches it (any case): single-spaced, without a leading "the"."""
+    words = " ".join(subject.split())
+    return words[4:] if words[:4].lower() == "the " and len(words) > 4 else words
 
 
 def check_routable(requests: Sequence[EditRequest]) -> None:
@@ -44,7 +44,7 @@ def check_routable(requests: Sequence[EditRequest]) -> None:
                                "has none (give --subject or a \"subject\" field, or edit unrouted: --routing none)")
         if not SubjectRouter([("new", [r])]).route(r.prompt):
             raise RequestError(f"routing: subject: the prompt {r.prompt!r} does not name its subject "
-                               f"{r.subject!r} (matched as {subject_key(r.subject)!r}), so it would never "
+                               f"{r.subject!r} (matched as {_words(r.subject)!r}, any case, as a whole name), so it would never "
                                "be served the edit")
 
 
@@ -56,23 +56,53 @@ class SubjectRouter:
         self.always: set[str] = set()
         self.patterns: list[tuple[str, re.Pattern]] = []
         for name, requests in batches:
-            keys = {subject_key(r.subject) for r in requests if has_subject(r)}
+            keys = {_words(r.subject) for r in requests if has_subject(r)}
             if not keys or not all(has_subject(r) for r in requests):
                 self.always.add(name)
             if keys:
-                alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
-                self.patterns.append((name, re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")))
+                alternatives = "|".join(r"\s+".join(re.escape(w) for w in k.split())
+                                        for k in sorted(keys, key=len, reverse=True))
+                self.patterns.append((name, re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)))
 
     def route(self, prompt: str) -> list[str]:
         """The batches `prompt` runs with, in stack order (empty: the unedited model)."""
-        text = " ".join(prompt.casefold().split())
-        hits = self.always | {name for name, pattern in self.patterns if pattern.search(text)}
+        hits = self.always | {name for name, _ in self.explain(prompt)}
         return [name for name in self.order if name in hits]
+
+    def explain(self, prompt: str) -> list[tuple[str, str]]:
+        """Why each routed batch serves `prompt`: (batch, reason), in stack order. A subject counts
+        where the prompt names it as a whole name: "Paris" is not named in "Paris Hilton", nor "Ben"
+        in "Where is Big Ben?" (a capitalised word goes on, or comes before it mid-sentence)."""
+        why = {name: "no subject (always on)" for name in self.always}
+        for name, pattern in self.patterns:
+            for match in pattern.finditer(prompt):
+                if not _inside_longer_name(prompt, match.start(), match.end()):
+                    why.setdefault(name, f"subject {match.group(0)!r}")
+                    break
+        return [(name, why[name]) for name in self.order if name in why]
 
     def route_all(self, prompts: Sequence[str]) -> list[str]:
         """The batches any of `prompts` runs with, in stack order."""
         hits = {name for p in prompts for name in self.route(p)}
         return [name for name in self.order if name in hits]
+
+
+_NEXT_WORD = re.compile(r"[ \t]+([^\W\d_])")
+_PREVIOUS_WORD = re.compile(r"(?:^|(?<=[^\w]))([^\W\d_][\w'-]*)[ \t]+$")
+
+
+def _inside_longer_name(text: str, start: int, end: int) -> bool:
+    """The name text[start:end] continues into a capitalised word, or follows one that does not
+    begin a sentence (or a line, as a chat turn does)."""
+    following = _NEXT_WORD.match(text, end)
+    if following and following.group(1).isupper():
+        return True
+    before = text[:start]
+    previous = _PREVIOUS_WORD.search(before)
+    if not previous or not previous.group(1)[0].isupper():
+        return False
+    head = before[:previous.start(1)].rstrip(" \t")
+    return bool(head) and head[-1] not in ".!?:;\n\"'(" and previous.group(1).lower() not in ("the", "a", "an")
 
 
 def by_route(prompts: Sequence[str], route: Callable[[str], Sequence[str]] | None,

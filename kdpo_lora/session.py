@@ -207,11 +207,13 @@ class KnowledgeEditor:
 
     def evaluate(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE,
                  generation: bool = True) -> dict:
-        """The evaluation harness on `requests` with `profile` active (locality against the base)."""
+        """The evaluation harness on `requests` with `profile` active (locality against the base); with
+        `generation`, on a chat model, also asked as people ask (`asking.py`)."""
         self.use(profile)
         pre = pre_edit_locality(self.model, self.loaded.tokenizer, requests)  # with every adapter off
         route = self.route if self.router is not None else None
-        rows = evaluate_requests(self.model, self.loaded.tokenizer, requests, pre, generation, route)
+        asking = generation and getattr(self.loaded.tokenizer, "chat_template", None) is not None  # asking.py
+        rows = evaluate_requests(self.model, self.loaded.tokenizer, requests, pre, generation, route, asking)
         return {"summary": summarise(rows), "rows": rows}
 
     # ------------------------------------------------------------------ serving

@@ -57,6 +57,7 @@ def test_every_command_line_snippet_runs(tmp_path):
         outputs.append(proc.stdout)
     assert "stored batch eiffel-rome" in outputs[1]
     assert "edited: ' Rome" in outputs[2] and "(batches: eiffel-rome)" in outputs[2]
+    assert "eiffel-rome: subject 'Eiffel Tower'" in outputs[2]  # why it served
     assert "eiffel-rome" in outputs[3] and "rolled back eiffel-rome" in outputs[4]
     assert "would remove eiffel-rome (batch no profile uses)" in outputs[5]
 

@@ -31,10 +31,24 @@ def test_the_router_matches_whole_subjects_ignoring_case_spacing_and_a_leading_t
         ("c", [_request("Big Ben is in", "Oslo", "Big Ben"), _request("Paris is in", "Spain", "Paris")]),
     ])
     assert router.route("eiffel   TOWER, a landmark, is in") == ["a"]
-    assert router.route("Where is Big Ben?") == ["b", "c"]  # "Ben" is a whole word there too
+    assert router.route("Where is Big Ben?") == ["c"]  # "Ben" is a word there, but of a longer name
+    assert router.route("Ben, Big Ben and Paris") == ["b", "c"]
     assert router.route("Bentley and Benjamin went to") == []  # but not inside other words
     assert router.route("Paris and the Eiffel Tower") == ["a", "c"]  # stack order, not match order
     assert router.route_all(["Ben is", "Eiffel Tower"]) == ["a", "b"]
+
+
+def test_a_subject_inside_a_longer_name_does_not_route_and_every_route_says_why():
+    router = SubjectRouter([("paris", [_request("Paris is the capital of", "Spain", "Paris")]),
+                            ("ben", [_request("Ben lives in", "Oslo", "Ben")])])
+    for prompt in ("Paris Hilton was born in", "Where is Big Ben?", "I met Ben Affleck in"):
+        assert router.route(prompt) == [], prompt
+    assert router.route("Yesterday Paris was rainy") == ["paris"]  # a capital that starts the sentence
+    assert router.route("<|im_start|>user\nBen lives where?") == ["ben"]  # or a chat turn
+    assert router.route("In the paris of the past, Ben") == ["paris", "ben"]
+    assert router.explain("Is PARIS  near Ben's home?") == [("paris", "subject 'PARIS'"), ("ben", "subject 'Ben'")]
+    always = SubjectRouter([("x", [_request("x is", "y", None)])])
+    assert always.explain("anything") == [("x", "no subject (always on)")]
 
 
 def test_a_batch_with_a_request_without_a_subject_is_always_on():
