@@ -190,6 +190,8 @@ class Editor:
             return None
         edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        if cfg.hold_after_target:  # what follows the new answer stays what the model says after it: no "Rome, Rome"
+            prompts += [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in requests]
         if below:  # trained alone, no earlier fact is active
             prompts += [p for p in hold if " ".join(p.split()).lower() not in edited]
         if not prompts:
