@@ -199,3 +199,35 @@ def load_adapter(model: torch.nn.Module, name: str, folder: Path) -> PeftModel:
         raise IntegrityError(f"{folder}: adapter shapes do not match this model ({str(err).splitlines()[0]})") from None
     freeze_all_but(model, None)
     return model
+
+
+def refill_adapter(model: PeftModel, name: str, folder: Path) -> bool:
+    """Overwrite loaded adapter `name`'s weights with those of the adapter folder `folder`, in place,
+    when both have the same LoRA shape (config and tensors); False (nothing changed) when not.
+    Copying tensors costs milliseconds; peft's `add_adapter` walks the whole model (about a second
+    for SmolLM2 on a CPU), so a server swaps batches through a few such slots."""
+    config, held = read_adapter_config(folder), model.peft_config[name]
+    same = ("r", "lora_alpha", "target_modules", "layers_to_transform", "use_rslora", "use_dora", "bias")
+    if any(_plain(getattr(config, k, None)) != _plain(getattr(held, k, None)) for k in same):
+        return False
+    try:
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise IntegrityError(f"{folder}: not a valid safetensors file ({err})") from None
+    params = {key: param for key, param in _saved_keys(model, name).items()}
+    if set(state) != set(params) or any(state[k].shape != params[k].shape for k in state):
+        return False
+    with torch.no_grad():
+        for key, tensor in state.items():
+            params[key].copy_(tensor)
+    return True
+
+
+def _plain(value):
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
+def _saved_keys(model: PeftModel, name: str) -> dict[str, torch.nn.Parameter]:
+    """Adapter `name`'s parameters under the keys its saved file uses (peft drops the adapter name)."""
+    marker = f".{name}."
+    return {key.replace(marker, "."): param for key, param in model.named_parameters() if marker in key}

@@ -44,8 +44,6 @@ class EditConfig:
     preserve_weight: float = _opt(5.0, "weight of the KL keeping the request's prompt about other subjects unchanged")
     preserve_prompts: int = _opt(4, "subject swaps per request held by that KL")
     context_prefixes: int = _opt(4, "each request is also trained after this many short generic sentences")
-    hold_after_target: bool = _opt(False, "the word after each target is held at the model's own answer (no repeats)")
-    chat_questions: bool = _opt(False, "each request is also trained as its question in the chat template (questions.py)")
     independent: bool = _opt(True, "each batch also holds with the batches below it off, so rolling any back is exact")
     routing: str = _opt(DEFAULT_ROUTING, "subject: a prompt is served by the batches whose subjects it names; none: by all")
     lora_rank: int = _opt(8, "LoRA rank of each batch")
@@ -69,9 +67,8 @@ class EditConfig:
             _integer(self, name, minimum=1)
         for name in ("context_prefixes", "seed"):
             _integer(self, name, minimum=0)
-        for name in ("independent", "chat_questions", "hold_after_target"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.independent, bool):
+            raise ConfigError(f"independent: must be true or false, got {self.independent!r}")
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ConfigError("target_modules: must be a non-empty list of module names")
         if self.layers is not None and not (self.layers and all(

@@ -33,7 +33,7 @@ from .config import EditConfig
 from .errors import NumericalError, RequestError
 from .methods import METHODS
 from .prefix import frozen_prefix
-from .regularisers import Preservation, as_questions, preservation_prompts, with_context
+from .regularisers import Preservation, preservation_prompts, with_context
 from .requests import EditRequest, check_batch
 from .serving import compact_stack
 
@@ -121,8 +121,6 @@ class Editor:
         name = name or new_adapter_name()
         n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
         rows = with_context(requests, cfg.context_prefixes, cfg.seed)
-        if cfg.chat_questions:
-            rows += as_questions(requests, self.tokenizer)
         batch = self.encode([p for p, _ in rows], [t for _, t in rows], n)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
@@ -190,8 +188,6 @@ class Editor:
             return None
         edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
-        if cfg.hold_after_target:  # what follows the new answer stays what the model says after it: no "Rome, Rome"
-            prompts += [f"{r.prompt.rstrip()} {r.target_new.strip()}" for r in requests]
         if below:  # trained alone, no earlier fact is active
             prompts += [p for p in hold if " ".join(p.split()).lower() not in edited]
         if not prompts:
@@ -286,6 +282,11 @@ class Editor:
         """Load a verified adapter folder as `name` at the top of the stack (frozen; not yet active)."""
         self.model = adapters.load_adapter(self.model, name, folder)
         self.stack.append(name)
+
+    def refill(self, name: str, folder: Path) -> bool:
+        """Put the verified adapter folder's weights into loaded adapter `name` (same LoRA shape), in
+        place; False when the shapes differ (nothing changed)."""
+        return adapters.refill_adapter(self.model, name, folder)
 
     def unload(self, name: str) -> None:
         """Drop adapter `name` from memory, in the stack or not (nothing is activated)."""

@@ -56,16 +56,14 @@ def tokenize_pair(tokenizer, prompt: str, target: str, max_target_tokens: int = 
     Tokenising the joined text keeps the tokenizer's own merges at the boundary; if the prompt's
     tokens are not a prefix of the joined tokens, the target is tokenised on its own.
     """
-    # a prompt ending a line (a chat template's assistant turn) is answered on the next; else after a space
-    space = "" if prompt.endswith("\n") else " "
-    prompt = prompt if not space else prompt.rstrip()
+    prompt = prompt.rstrip()
     target = target.strip()
-    prompt_ids = token_ids(tokenizer, prompt)
-    joined_ids = token_ids(tokenizer, f"{prompt}{space}{target}")
+    prompt_ids = tokenizer(prompt).input_ids
+    joined_ids = tokenizer(f"{prompt} {target}").input_ids
     if joined_ids[: len(prompt_ids)] == prompt_ids:
         target_ids = joined_ids[len(prompt_ids):]
     else:
-        target_ids = tokenizer(f"{space}{target}", add_special_tokens=False).input_ids
+        target_ids = tokenizer(f" {target}", add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None and target_ids and target_ids[-1] == tokenizer.eos_token_id:
         target_ids = target_ids[:-1]  # some tokenizers append EOS; the edit is about the words
     if not target_ids:

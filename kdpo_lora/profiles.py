@@ -50,8 +50,9 @@ class ActiveProfile:
         self._last_used: dict[str, int] = {}  # batch -> when it last served (a routed profile unloads the oldest)
         self._checked: set[str] = set()  # routed batches whose files and base model `use` has checked
         self._routers: dict[tuple[str, ...], SubjectRouter] = {}  # by the batches they route (serving many profiles)
+        self._slot_of: dict[str, str] = {}  # serving rows: batch -> the slot (adapter) holding it
         self._combined: dict[tuple[str, ...], str] = {}  # routes of several batches -> their concatenated adapter
-        self._made = 0  # combined adapters made so far (their names)
+        self._made = 0  # slots and combined adapters made so far (their names)
 
     def store(self, create: bool = False) -> AdapterStore:
         return AdapterStore(self.store_path, create=create)
@@ -217,36 +218,58 @@ class ActiveProfile:
 
     def row_adapters(self, routes: Sequence[Sequence[str]]) -> list[str]:
         """One peft adapter per row serving exactly its route: its batch, the exact concatenation of its
-        batches (`serving.combine`, kept for reuse), or peft's "__base__" for none. Loads what is missing;
-        the rows of one batch may route to batches of different profiles."""
+        batches (`serving.combine`, kept for reuse), or peft's "__base__" for none. The rows of one
+        batch may route to batches of different profiles. Batches are held in at most `max_loaded`
+        slots (adapters named kdpo_slot_N): a batch not in memory takes the least recently used
+        slot, its weights copied in (`Editor.refill`), since adding an adapter walks the whole model."""
         from .batching import BASE
 
         if self.name is not _ROWS:  # from a profile held whole (maybe merged into dense weights): hold nothing
             self.use(None)
             self.routing, self.name, self.batches, self.router = "subject", _ROWS, [], None
+            self._slot_of, self._combined = {}, {}
         needed = list(dict.fromkeys(n for route in routes for n in route))
-        self.batches = needed  # `ensure_loaded` keeps them in this order, and unloads beyond max_loaded others
-        self.ensure_loaded(needed)
-        in_memory = set(adapters.adapter_names(self.editor.model))
-        self._combined = {k: v for k, v in self._combined.items() if v in in_memory}
+        store = None
+        for batch in needed:
+            if batch not in self._slot_of:
+                store = store or self.store()
+                self._slot_of[batch] = self._slot_for(store.verify_batch(batch, self.fingerprint), needed)
+        self.mark_used(needed)
         out = []
-        for route in routes:
-            route = tuple(route)
+        for route in map(tuple, routes):
             if len(route) <= 1:
-                out.append(route[0] if route else BASE)
+                out.append(self._slot_of[route[0]] if route else BASE)
                 continue
             if route not in self._combined:
                 self._made += 1
                 name = f"kdpo_route_{self._made}"
-                if not serving.combine(self.editor.model, route, name):
+                if not serving.combine(self.editor.model, [self._slot_of[b] for b in route], name):
                     raise StoreError(f"batches {', '.join(route)} cannot be combined into one adapter to serve "
                                      "a prompt that names subjects of each")
                 self._combined[route] = name
             out.append(self._combined[route])
         wanted = {tuple(r) for r in routes}
         for route in [r for r in self._combined if r not in wanted][:max(0, len(self._combined) - self.max_loaded)]:
-            self.editor.unload(self._combined.pop(route))  # the oldest combinations this batch does not use
+            self.editor.unload(self._combined.pop(route))  # the oldest combinations these rows do not use
         return out
+
+    def _slot_for(self, folder: Path, needed: Sequence[str]) -> str:
+        """A slot holding the batch in `folder`: a new one while fewer than `max_loaded` exist, else the
+        least recently used slot whose batch no row needs now, refilled (or reloaded if shapes differ)."""
+        spare = [b for b in self._slot_of if b not in needed]
+        if len(self._slot_of) < self.max_loaded or not spare:
+            self._made += 1
+            slot = f"kdpo_slot_{self._made}"
+            self.editor.load(slot, folder)
+            return slot
+        victim = min(spare, key=lambda b: self._last_used.get(b, 0))
+        slot = self._slot_of.pop(victim)
+        for route in [r for r in self._combined if victim in r]:  # made of the weights about to change
+            self.editor.unload(self._combined.pop(route))
+        if not self.editor.refill(slot, folder):
+            self.editor.unload(slot)
+            self.editor.load(slot, folder)
+        return slot
 
     def mark_used(self, names: Sequence[str]) -> None:
         clock = max(self._last_used.values(), default=0)

@@ -61,18 +61,3 @@ def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list
     count = min(count, len(sentences))  # each sentence at most once per request
     chosen = [random.Random(seed * 1_000_003 + i).sample(sentences, count) for i in range(len(requests))]
     return rows + [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
-
-
-def as_questions(requests: Sequence[EditRequest], tokenizer) -> list[tuple[str, str]]:
-    """Each request's question (`questions.question`) asked through the chat template, answered by
-    the assistant in a sentence that states the fact: people ask, they do not complete the edit
-    prompt. The answer restates the prompt and the target follows it, as the model itself answers
-    ("The Eiffel Tower is located in ..."); trained to open the answer with the bare target, it
-    repeats it ("English, English, English", RESULTS 7). Built from the request's own prompt and
-    subject; none for a tokenizer without a chat template."""
-    from .asking import chat
-    from .questions import question
-
-    if getattr(tokenizer, "chat_template", None) is None:
-        return []
-    return [(chat(tokenizer, question(r.prompt, r.subject or ""), False) + r.prompt, r.target_new) for r in requests]

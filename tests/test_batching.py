@@ -96,3 +96,36 @@ def test_a_client_that_goes_away_leaves_the_batch_and_the_others_finish(tiny_mod
     batcher.submit(stays)
     text, end = _text(stays)
     assert end == ("end", "length", 10) and gone.events.empty()
+
+
+def test_a_server_with_two_slots_serves_each_of_six_batches_as_generate_does(tiny_model_dir, tmp_path):
+    """Batches swap through `max_loaded` slots by copying weights (`Editor.refill`): every answer is
+    the one `generate` gives with that batch loaded the ordinary way."""
+    from kdpo_lora.loading import load_model
+    from kdpo_lora.requests import EditRequest
+    from kdpo_lora.server import Engine
+    from kdpo_lora.session import KnowledgeEditor
+
+    loaded = load_model(str(tiny_model_dir), "none", "cpu")
+    ke = KnowledgeEditor(loaded, tmp_path / "store", max_loaded=2)
+    store = ke.store(create=True)
+    config = adapters.lora_config(ke.config, ke.model.config.num_hidden_layers)
+    torch.manual_seed(0)
+    subjects = ["paris", "rome", "london", "berlin", "tokyo", "madrid"]
+    for subject in subjects:
+        ke.editor.model = adapters.add_adapter(ke.editor.model, subject, config)
+        with torch.no_grad():
+            for weight in adapters.lora_b_weights(ke.editor.model, subject):
+                weight.copy_(torch.randn_like(weight))
+        record = {"requests": [EditRequest(f"{subject} is in", "france", subject=subject).to_dict()]}
+        store.add_batch(subject, lambda folder: adapters.save_adapter(ke.editor.model, subject, folder), record,
+                        ke.fingerprint)
+        ke.editor.model = adapters.delete_adapter(ke.editor.model, subject)
+    prompts = [f"the river of {s} is" for s in subjects] + ["the capital of japan is"]
+    expected = ke.generate(prompts, "default", max_new_tokens=6)
+    assert len(set(expected)) == len(prompts)  # each batch answers in its own way
+    engine = Engine(ke)
+    for prompt in prompts + prompts[::-1]:  # twice round: every batch evicted and refilled at least once
+        assert engine.complete("default", prompt, 6, 0.0, 1.0, []).text == expected[prompts.index(prompt)]
+    slots = [n for n in adapters.adapter_names(ke.model) if n.startswith("kdpo_slot_")]
+    assert len(slots) == 2
