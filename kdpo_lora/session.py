@@ -222,8 +222,8 @@ class KnowledgeEditor:
         """A squashed routed profile acts on every prompt: say so, since the numbers measured routed do not hold."""
         if self.routed and len(stack) > 1:
             warnings.warn(f"profile {profile!r} is subject-routed, but one adapter serves every prompt with all "
-                          f"{len(stack)} of its batches; to serve it routed, load each batch folder of the store "
-                          "and give each prompt the batches whose subjects it names (`generate` lists them)",
+                          f"{len(stack)} of its batches; to serve it routed, use `kdpo-lora serve`, or "
+                          "`export --for vllm` and `serve --upstream` in front of vLLM",
                           KdpoWarning, stacklevel=3)
 
     def squash(self, profile: str, out_dir: str | Path) -> int:
