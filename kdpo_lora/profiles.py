@@ -193,13 +193,11 @@ class ActiveProfile:
 
     # ------------------------------------------------------------------ serving many profiles at once
 
-    def routes_in(self, profile: str | None, prompt: str) -> list[str] | None:
-        """The batches of `profile` (None: none) that serve `prompt`, read from the store now, without
-        making the profile active; None for an unrouted profile with batches (it is served whole, `use`)."""
-        if profile is None:
-            return []
-        store = self.store()
-        names, routing = store.listing(profile)
+    def routes_in(self, profile: str, prompt: str, listing: tuple[list[str], str]) -> list[str] | None:
+        """The batches of `profile` that serve `prompt`, without making the profile active; None for an
+        unrouted profile with batches (it is served whole, `use`). `listing`: the profile's batches and
+        routing as the caller just read them from the store (`AdapterStore.listing`)."""
+        names, routing = listing
         routing = self._checked_routing(profile, names, routing)
         if not names:
             return []
@@ -207,7 +205,7 @@ class ActiveProfile:
             return None
         for name in names:
             if name not in self._checked:
-                store.verify_batch(name, self.fingerprint, hashes=False)
+                self.store().verify_batch(name, self.fingerprint, hashes=False)
                 self._checked.add(name)
         key = tuple(names)
         if key not in self._routers:

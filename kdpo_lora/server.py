@@ -134,13 +134,20 @@ class Engine:
         routes); an unrouted profile is held whole, so its rows go together, alone."""
         active = self.editor.active
         store = self.editor.store(create=True)
-        profiles = set(store.profiles()) if store.exists() else set()
-        batches = {b.name for b in store.batches()} if store.exists() else set()
         planned: list[tuple[Row, list[str] | None]] = []
+        try:  # one read of the manifest for all the rows
+            manifest = store.manifest()  # empty for a store not created yet
+        except KdpoError as err:  # a damaged store: the clients are told, and nothing is served from it
+            for row in rows:
+                row.events.put(("error", err))
+            return Group([], None), []
+        profiles = manifest["profiles"]
+        batches = {entry["name"] for entry in manifest["batches"]}
         for row in rows:
             try:
                 if row.profile in profiles:
-                    route = active.routes_in(row.profile, row.prompt)
+                    listing = (list(profiles[row.profile]), manifest["serving"][row.profile]["routing"])
+                    route = active.routes_in(row.profile, row.prompt, listing)
                 elif row.profile in batches:
                     route = [row.profile]  # a batch alone
                 elif row.profile is None or not store.exists():
