@@ -33,7 +33,12 @@ from .config import EditConfig
 from .errors import NumericalError, RequestError
 from .methods import METHODS
 from .prefix import frozen_prefix
-from .regularisers import Preservation, preservation_prompts, with_context
+import os
+
+from .regularisers import Preservation, as_questions, other_facts, preservation_prompts, with_context
+
+LEVERS = set(os.environ.get("KDPO_LEVERS", "").split(","))  # WIP: the levers being measured
+CONTINUATION = 12  # tokens after the target held at the model's own continuation
 from .requests import EditRequest, check_batch
 from .serving import compact_stack
 
@@ -121,6 +126,8 @@ class Editor:
         name = name or new_adapter_name()
         n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
         rows = with_context(requests, cfg.context_prefixes, cfg.seed)
+        if "questions" in LEVERS:
+            rows += as_questions(requests, self.tokenizer)
         batch = self.encode([p for p, _ in rows], [t for _, t in rows], n)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
@@ -188,17 +195,47 @@ class Editor:
             return None
         edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
+        if "others" in LEVERS:
+            prompts += other_facts(requests, cfg.preserve_prompts, cfg.seed)
         if below:  # trained alone, no earlier fact is active
             prompts += [p for p in hold if " ".join(p.split()).lower() not in edited]
-        if not prompts:
+        sequences = [torch.tensor(self.tokenizer(p.rstrip()).input_ids, device=self.device) for p in prompts]
+        keep = [obj.last_position(s) for s in sequences]
+        if "continuation" in LEVERS:
+            pairs = [(r.prompt, r.target_new) for r in requests]
+            if "questions" in LEVERS:
+                pairs += as_questions(requests, self.tokenizer)
+            more, more_keep = self._continuations(pairs, below)
+            sequences, keep = sequences + more, keep + more_keep
+        if not sequences:
             return None
-        rows = [self.tokenizer(p.rstrip()).input_ids for p in prompts]
-        input_ids, attention_mask = obj.left_pad(rows, self.tokenizer.pad_token_id, self.device)
-        preserve = Preservation(input_ids, attention_mask)
+        preserve = Preservation(sequences, keep)
         if not fresh:
             with torch.no_grad(), adapters.only_adapters(self.model, below):
-                preserve.reference = obj.next_token_log_probs(self.model, input_ids, attention_mask)
+                preserve.reference = torch.cat(obj.sequence_log_probs(self.model, sequences, keep))
         return preserve
+
+    def _continuations(self, pairs: Sequence[tuple[str, str]], below: list[str]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each `prompt + target` followed by what the model with the batches `below` writes next
+        (CONTINUATION tokens, to its end of text), and the positions that predict those tokens: held,
+        they keep an edit from writing its target again and again ("Rome, Rome, Rome")."""
+        stated = [sum(obj.tokenize_pair(self.tokenizer, p, t), []) for p, t in pairs]
+        input_ids, attention_mask = obj.left_pad(stated, self.tokenizer.pad_token_id, self.device)
+        with torch.no_grad(), adapters.only_adapters(self.model, below):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                      max_new_tokens=CONTINUATION, pad_token_id=self.tokenizer.pad_token_id)
+        sequences, keep = [], []
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        for ids, row in zip(stated, out[:, input_ids.shape[1]:].tolist()):
+            written = []
+            for token in row:
+                written.append(token)
+                if token in ends:
+                    break
+            sequences.append(torch.tensor(ids + written, device=self.device))
+            keep.append(torch.arange(len(ids) - 1, len(ids) - 1 + len(written), device=self.device))
+        return sequences, keep
 
     def _train(self, batch: obj.TargetBatch, cfg: EditConfig, lr: float, name: str, below: list[str],
                progress: bool, preserve: Preservation | None = None,
@@ -268,7 +305,7 @@ class Editor:
         """Target log-probs, and (in the same pass) the preservation prompts' next-token log-probs."""
         if preserve is None:
             return obj.target_log_probs(self.model, batch), None
-        return obj.joint_log_probs(self.model, batch, obj.unpad(preserve.input_ids, preserve.attention_mask))
+        return obj.joint_log_probs(self.model, batch, preserve.sequences, preserve.keep)
 
     # ------------------------------------------------------------------ the adapters in memory (owned here)
 

@@ -179,10 +179,11 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> to
     return -(gather(log_probs, labels) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def joint_log_probs(model: torch.nn.Module, batch: TargetBatch,
-                    prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`target_log_probs` of `batch` and the next-token log-probs after each of `prompts` (1D token ids), in
-    one packed forward pass: [B, K, V] and [P, V].
+def joint_log_probs(model: torch.nn.Module, batch: TargetBatch, prompts: Sequence[torch.Tensor],
+                    prompt_keep: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_log_probs` of `batch` and the next-token log-probs of `prompts` (1D token ids) at positions
+    `prompt_keep` (default: after each prompt's last token), in one packed forward pass: [B, K, V] and
+    [sum of kept positions, V].
 
     Small forward passes are bound by reading (and, for NF4, dequantising) the weights, so scoring the
     extra prompts alongside the batch costs little.
@@ -190,7 +191,7 @@ def joint_log_probs(model: torch.nn.Module, batch: TargetBatch,
     rows = unpad(batch.input_ids, batch.attention_mask)
     lengths = batch.target_mask.sum(-1).tolist()
     keep = [torch.arange(len(row) - 1 - t, len(row) - 1, device=row.device) for row, t in zip(rows, lengths)]
-    keep += [torch.tensor([len(p) - 1], device=p.device) for p in prompts]
+    keep += list(prompt_keep) if prompt_keep is not None else [last_position(p) for p in prompts]
     scored = sequence_log_probs(model, rows + list(prompts), keep)
     k, vocab = batch.num_targets, scored[0].shape[-1]
     uniform = scored[0].new_full((k, vocab), -math.log(vocab))
@@ -202,7 +203,11 @@ def joint_log_probs(model: torch.nn.Module, batch: TargetBatch,
 def next_token_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Log-softmax of the next token after each left-padded prompt: [B, V]."""
     prompts = unpad(input_ids, attention_mask)
-    return torch.cat(sequence_log_probs(model, prompts, [torch.tensor([len(p) - 1], device=p.device) for p in prompts]))
+    return torch.cat(sequence_log_probs(model, prompts, [last_position(p) for p in prompts]))
+
+
+def last_position(sequence: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([len(sequence) - 1], device=sequence.device)
 
 
 def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:

@@ -27,11 +27,12 @@ def _lines(path: Path) -> list[str]:
 
 @dataclass
 class Preservation:
-    """Prompts whose next-token distribution must not move while a batch trains, and that distribution
-    (their answers with only the batches below active: the model as it was before this batch)."""
+    """Token sequences whose next-token distributions at positions `keep` must not move while a batch
+    trains, and those distributions (with only the batches below active: the model as it was before
+    this batch), [sum of len(keep), V]."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    sequences: list[torch.Tensor]
+    keep: list[torch.Tensor]
     reference: torch.Tensor | None = None
 
 
@@ -61,3 +62,39 @@ def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list
     count = min(count, len(sentences))  # each sentence at most once per request
     chosen = [random.Random(seed * 1_000_003 + i).sample(sentences, count) for i in range(len(requests))]
     return rows + [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
+
+
+def as_questions(requests: Sequence[EditRequest], tokenizer) -> list[tuple[str, str]]:
+    """Each request's question (`questions.question`) asked through the chat template, answered by
+    the assistant in a sentence that states the fact: people ask, they do not complete the edit
+    prompt. The answer restates the prompt and the target follows it, as the model itself answers
+    ("The Eiffel Tower is located in ..."); trained to open the answer with the bare target, it
+    repeats it ("English, English, English", RESULTS 7). Built from the request's own prompt and
+    subject; none for a tokenizer without a chat template."""
+    from .asking import chat
+    from .questions import question
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    return [(chat(tokenizer, question(r.prompt, r.subject or ""), False) + " ".join(r.prompt.split()), r.target_new)
+            for r in requests]
+
+
+OTHER_FACTS = (
+    "{} was born in", "{} is a citizen of", "{} works as a", "{} is known for", "{} was founded in",
+    "{} is located in", "The language of {} is", "{} is a member of", "{} is owned by", "{} died in",
+)
+
+
+def other_facts(requests: Sequence[EditRequest], count: int, seed: int) -> list[str]:
+    """The subject's other facts (OTHER_FACTS filled with it), `count` per request, none sharing a
+    word with the request's own prompt: an edit of one fact must leave the subject's others."""
+    prompts = []
+    for i, r in enumerate(requests):
+        if not r.subject:
+            continue
+        own = {w for w in r.prompt.lower().replace(r.subject.lower(), " ").split() if len(w) > 3}
+        shapes = [t for t in OTHER_FACTS if not own & {w for w in t.lower().split() if len(w) > 3}]
+        rng = random.Random(seed * 1_000_003 + i)
+        prompts += [t.format(r.subject) for t in rng.sample(shapes, min(count, len(shapes)))]
+    return prompts
