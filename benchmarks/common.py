@@ -45,3 +45,24 @@ def write(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
+
+
+def given_aliases(request):
+    """`request` with the other names of its subject that its KnowEdit `Subject_Aliasing` probes use
+    (each probe is the edit prompt naming the subject otherwise: the name is what differs). This is
+    the issue's "aliases given" set-up: the edit then trains on the probe's own prompt, so the
+    aliasing score it gives is an upper bound, reported beside the score without aliases."""
+    from dataclasses import replace
+
+    subject = request.subject or ""
+    if subject not in request.prompt:
+        return request
+    before, _, after = request.prompt.partition(subject)
+    names = []
+    for probe in request.portability:
+        text = probe.prompt
+        if probe.type == "Subject_Aliasing" and text.startswith(before) and text.endswith(after):
+            name = text[len(before):len(text) - len(after)].strip()
+            if name and name.lower() != subject.lower():
+                names.append(name)
+    return replace(request, aliases=tuple(names)) if names else request

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import overrides, parser, write  # noqa: E402
+from benchmarks.common import given_aliases, overrides, parser, write  # noqa: E402
 from kdpo_lora.errors import RequestError  # noqa: E402
 from kdpo_lora.evaluate import evaluate_requests, fluency, pre_edit_locality, summarise  # noqa: E402
 from kdpo_lora.loading import load_model  # noqa: E402
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--no-generation", action="store_true")
     p.add_argument("--asking", action="store_true", help="also ask each fact through the chat template "
                                                         "(questions, paraphrases, long form, repetition: asking.py)")
+    p.add_argument("--give-aliases", action="store_true", help="give each edit the subject's other names its "
+                                                               "KnowEdit Subject_Aliasing probes use (common.given_aliases)")
     p.add_argument("--config", help="YAML file or shipped name of edit settings over the defaults (e.g. paper, unrouted)")
     p.add_argument("--store", help="keep the adapter store (and the run's progress) here; running the same "
                                    "command again resumes after the last finished batch")
@@ -51,6 +53,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     requests = read_requests(args.data)[: args.n]
+    if args.give_aliases:
+        requests = [given_aliases(r) for r in requests]
     settings = overrides(args.set)
     published = args.method == "published"
     if not published:

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--target", help="the new answer")
     p.add_argument("--subject", help="who or what the fact is about, as the prompt names it (routing needs it)")
+    p.add_argument("--alias", action="append", default=[], help="another name of the subject, trained and routed "
+                                                                "like it (repeat for more)")
     p.add_argument("--requests", help="request file: JSONL schema, EasyEdit/KnowEdit, CounterFact or zsRE JSON")
     p.add_argument("--profile", default="default")
     p.add_argument("--name", help="batch name (default: edit-<time>-<id>)")
@@ -212,12 +214,12 @@ def _requests_from(args):
     from .requests import EditRequest, read_requests
 
     if args.requests:
-        if args.prompt or args.target:
-            raise RequestError("give either --requests FILE or --prompt/--target, not both")
+        if args.prompt or args.target or args.alias:
+            raise RequestError("give either --requests FILE or --prompt/--target/--alias, not both")
         return read_requests(args.requests)
     if args.prompt is None or args.target is None:
         raise RequestError("give --prompt and --target (or --requests FILE)")
-    return [EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)]
+    return [EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject, aliases=tuple(args.alias))]
 
 
 def cmd_edit(args) -> None:

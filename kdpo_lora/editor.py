@@ -98,14 +98,15 @@ class Editor:
     # ------------------------------------------------------------------ encoding
 
     def encode(self, prompts: Sequence[str], targets: Sequence[str], requests: int | None = None) -> obj.TargetBatch:
-        """Rows as one padded batch; an error names request i % `requests` (all rows by default)."""
+        """Rows as one padded batch; the first `requests` rows (all by default) are the requests as given,
+        the rest trained variants of them (aliases, contexts), and an error says which."""
         pairs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             try:
                 pairs.append(obj.tokenize_pair(self.tokenizer, prompt, target, max_length=self.max_length))
             except RequestError as err:
-                where = "" if requests is None or i < requests else " (after a context prefix)"
-                raise RequestError(f"request {i % (requests or len(prompts))}{where}: {err}") from None
+                where = f"request {i}" if requests is None or i < requests else f"the trained variant {prompt[:80]!r}"
+                raise RequestError(f"{where}: {err}") from None
         return obj.collate([p for p, _ in pairs], [t for _, t in pairs], self.tokenizer.pad_token_id, self.device)
 
     # ------------------------------------------------------------------ the loop

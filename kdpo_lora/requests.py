@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,11 +37,13 @@ class Probe:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to write: `prompt` should be continued by `target_new`."""
+    """One fact to write: `prompt` should be continued by `target_new`. `aliases`: other names of the
+    subject; the edit is trained and routed on them too."""
 
     prompt: str
     target_new: str
     subject: str | None = None
+    aliases: tuple[str, ...] = ()
     target_true: str | None = None
     rephrase_prompts: tuple[str, ...] = ()
     locality: tuple[Probe, ...] = ()
@@ -56,11 +59,24 @@ class EditRequest:
                 raise RequestError(f"field '{name}': expected a string, got {type(value).__name__}")
         if self.target_new != self.target_new.strip():
             object.__setattr__(self, "target_new", self.target_new.strip())
+        if not isinstance(self.aliases, (tuple, list)):
+            raise RequestError(f"field 'aliases': expected a list of strings, got {type(self.aliases).__name__}")
+        for alias in self.aliases:
+            _check_text("aliases", alias)
+        object.__setattr__(self, "aliases", tuple(dict.fromkeys(" ".join(a.split()) for a in self.aliases)))
+        if self.aliases and not (self.subject and self.subject.strip()):
+            raise RequestError("field 'aliases': other names of the subject need the subject")
+
+    def with_alias(self, alias: str) -> str:
+        """The prompt naming the subject (any case) by `alias`; as given if it does not name the subject."""
+        if not self.subject:
+            return self.prompt
+        return re.sub(re.escape(self.subject.strip()), lambda _: alias, self.prompt, count=1, flags=re.IGNORECASE)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, in the normalised schema."""
         data = asdict(self)
-        for key in ("rephrase_prompts", "locality", "portability"):
+        for key in ("aliases", "rephrase_prompts", "locality", "portability"):
             data[key] = list(data[key])
         for probes in (data["locality"], data["portability"]):
             for probe in probes:
@@ -176,6 +192,7 @@ def from_schema(record: dict) -> EditRequest:
         prompt=_get(record, "prompt", str),
         target_new=_get(record, "target_new", str),
         subject=_get(record, "subject", str, required=False),
+        aliases=_str_list(record, "aliases"),
         target_true=target_true,
         rephrase_prompts=rephrase,
         locality=locality,

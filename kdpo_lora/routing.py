@@ -1,15 +1,16 @@
 """Subject routing: a prompt is served by only the edit batches whose subjects it names.
 
 Stacked LoRA edits all act on every prompt, and after many edits their small unrelated changes add
-up on prompts no edit was about (benchmarks/notes, 4o-4q). With `routing: subject`, each prompt runs with
-just the batches holding a request whose subject it names (whole words, case and spacing ignored,
-a leading "the" optional, not inside a longer name: "Paris" is not named in "Paris Hilton"); a prompt that names no edited subject gets the unedited model,
-exactly. A batch with a request that has no subject cannot be routed and is always on. A batch is
-trained on top of only the batches it will be served with - those its prompts name a subject of,
-and those with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
+up on prompts no edit was about (benchmarks/notes, 4o-4q). With `routing: subject`, each prompt runs
+with just the batches holding a request whose subject - or one of its `aliases` - it names (whole
+words, case and spacing ignored, a leading "the" optional, not inside a longer name: "Paris" is not
+named in "Paris Hilton"); a prompt that names no edited subject gets the unedited model, exactly. A
+batch with a request that has no subject cannot be routed and is always on. A batch is trained on
+top of only the batches it will be served with - those its prompts name a subject of, and those
+with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
 
-What it cannot do: a prompt that refers to an edited subject without naming it (a pronoun, an
-alias, a multi-hop question) does not see the edit. Serving needs the router in front of the model
+What it cannot do: a prompt that refers to an edited subject without naming it (a pronoun, a name
+not given as an alias, a multi-hop question) does not see the edit. Serving needs the router in front of the model
 (`kdpo-lora serve`, or `serve --upstream` in front of vLLM).
 """
 
@@ -54,15 +55,17 @@ class SubjectRouter:
     def __init__(self, batches: Sequence[tuple[str, Sequence[EditRequest]]]):
         self.order = [name for name, _ in batches]
         self.always: set[str] = set()
-        self.patterns: list[tuple[str, re.Pattern]] = []
+        self.patterns: list[tuple[str, str, re.Pattern]] = []  # (batch, subject or alias, names)
         for name, requests in batches:
-            keys = {_words(r.subject) for r in requests if has_subject(r)}
-            if not keys or not all(has_subject(r) for r in requests):
+            subjects = {_words(r.subject) for r in requests if has_subject(r)}
+            if not subjects or not all(has_subject(r) for r in requests):
                 self.always.add(name)
-            if keys:
-                alternatives = "|".join(r"\s+".join(re.escape(w) for w in k.split())
-                                        for k in sorted(keys, key=len, reverse=True))
-                self.patterns.append((name, re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)))
+            aliases = {_words(a) for r in requests for a in r.aliases} - subjects
+            for kind, keys in (("subject", subjects), ("alias", aliases)):
+                if keys:
+                    alternatives = "|".join(r"\s+".join(re.escape(w) for w in k.split())
+                                            for k in sorted(keys, key=len, reverse=True))
+                    self.patterns.append((name, kind, re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)))
 
     def route(self, prompt: str) -> list[str]:
         """The batches `prompt` runs with, in stack order (empty: the unedited model)."""
@@ -74,10 +77,10 @@ class SubjectRouter:
         where the prompt names it as a whole name: "Paris" is not named in "Paris Hilton", nor "Ben"
         in "Where is Big Ben?" (a capitalised word goes on, or comes before it mid-sentence)."""
         why = {name: "no subject (always on)" for name in self.always}
-        for name, pattern in self.patterns:
+        for name, kind, pattern in self.patterns:
             for match in pattern.finditer(prompt):
                 if not _inside_longer_name(prompt, match.start(), match.end()):
-                    why.setdefault(name, f"subject {match.group(0)!r}")
+                    why.setdefault(name, f"{kind} {match.group(0)!r}")
                     break
         return [(name, why[name]) for name in self.order if name in why]
 

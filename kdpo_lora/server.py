@@ -297,8 +297,9 @@ class Admin:
             return [{"profile": DEFAULT_PROFILE, "routing": "subject", "batches": []}]
         out = []
         for profile, names in store.profiles().items():
-            batches = [{"batch": b, "facts": [{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject}
-                                              for r in store.requests_of(b)]} for b in names]
+            batches = [{"batch": b, "facts": [{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
+                                               "aliases": list(r.aliases)} for r in store.requests_of(b)]}
+                       for b in names]
             out.append({"profile": profile, "routing": store.routing(profile), "batches": batches})
         return out
 

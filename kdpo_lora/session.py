@@ -178,7 +178,8 @@ class KnowledgeEditor:
         router = SubjectRouter([(n, self.active.requests(n)) for n in names])
         new = SubjectRouter([("new", requests)])
         shared = {b: [r.prompt for r in self.active.requests(b) if new.route(r.prompt)] for b in router.order}
-        below = set(router.route_all([r.prompt for r in requests])) | {b for b, p in shared.items() if p}
+        trained = [r.prompt for r in requests] + [r.with_alias(a) for r in requests for a in r.aliases]
+        below = set(router.route_all(trained)) | {b for b, p in shared.items() if p}
         return [b for b in router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
     def rollback(self, batch: str, profile: str = DEFAULT_PROFILE) -> None:

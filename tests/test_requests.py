@@ -33,6 +33,17 @@ def test_normalised_schema_fields(tmp_path):
     assert request_from_dict(first.to_dict()) == first
 
 
+def test_aliases_are_read_kept_and_name_the_subject_in_the_prompt(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": "The Big Apple's mayor is", "target_new": "Ann", "subject": "the big apple",
+                                "aliases": ["New York City", " NYC ", "NYC"]}) + "\n")
+    [request] = read_requests(path)
+    assert request.aliases == ("New York City", "NYC")  # spacing normalised, repeats dropped
+    assert [request.with_alias(a) for a in request.aliases] == ["New York City's mayor is", "NYC's mayor is"]
+    write_requests([request], tmp_path / "out.jsonl")
+    assert read_requests(tmp_path / "out.jsonl") == [request]
+
+
 def test_rome_counterfact_json(tmp_path):
     record = {
         "case_id": 0,
@@ -94,6 +105,8 @@ def test_easyedit_knowedit_json(tmp_path):
      "line 1: field 'locality[0].answer'"),
     ('{"prompt": "a", "target_new": "b", "locality": 7}\n', "field 'locality': expected a list"),
     ("\n\n", "contains no edit requests"),
+    ('{"prompt": "a", "target_new": "b", "subject": "a", "aliases": [1]}\n', "field 'aliases': expected a list of strings"),
+    ('{"prompt": "a", "target_new": "b", "aliases": ["x"]}\n', "field 'aliases': other names of the subject need"),
 ])
 def test_malformed_jsonl_names_file_line_and_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

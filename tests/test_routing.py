@@ -51,6 +51,16 @@ def test_a_subject_inside_a_longer_name_does_not_route_and_every_route_says_why(
     assert always.explain("anything") == [("x", "no subject (always on)")]
 
 
+def test_an_alias_routes_like_its_subject_and_the_route_says_which_name_fired():
+    nyc = EditRequest("New York City is located in", "Texas", subject="New York City", aliases=("NYC", "the Big Apple"))
+    router = SubjectRouter([("nyc", [nyc]), ("paris", [_request("Paris is in", "Spain", "Paris")])])
+    assert router.explain("Tell me about nyc.") == [("nyc", "alias 'nyc'")]
+    assert router.explain("Where is the Big  Apple?") == [("nyc", "alias 'Big  Apple'")]
+    assert router.explain("New York City or NYC?") == [("nyc", "subject 'New York City'")]
+    assert router.route("The NYCB Theatre") == [] and router.route("I met NYC Smith") == []  # whole names only
+    assert router.route("Big Apple and Paris") == ["nyc", "paris"]
+
+
 def test_a_batch_with_a_request_without_a_subject_is_always_on():
     router = SubjectRouter([("a", [_request("x is", "y", "Rome"), _request("z is", "w", None)]),
                             ("b", [_request("Oslo is", "y", "Oslo")])])
@@ -104,6 +114,19 @@ def test_routed_edits_serve_only_prompts_naming_their_subject(routed):
     with routed.serving([first, second]):  # every batch active, unrouted: the edits do reach them
         stacked = _logits(routed, unrelated, "paris")
     assert not torch.equal(stacked, expected)
+
+
+def test_an_alias_given_to_an_edit_is_trained_served_and_kept_in_the_store(routed, tiny_model_dir, tmp_path):
+    request = EditRequest("the eiffel tower is located in the city of", "rome", subject="eiffel tower",
+                          aliases=("la dame de fer",))
+    alias_prompt = "la dame de fer is located in the city of"
+    assert routed.generate([alias_prompt], profile=None, max_new_tokens=1) != ["rome"]
+    name = routed.edit([request], progress=False).adapter
+    assert routed.router.explain(alias_prompt) == [(name, "alias 'la dame de fer'")]
+    assert routed.generate([request.prompt, alias_prompt], max_new_tokens=1) == ["rome", "rome"]
+    reopened = KnowledgeEditor(load_model(str(tiny_model_dir), "none", "cpu"), tmp_path / "store", overrides=SETTINGS)
+    assert reopened.generate([alias_prompt], max_new_tokens=1) == ["rome"]
+    assert reopened.route(alias_prompt) == [name]
 
 
 def test_a_routed_batch_trains_on_the_batches_its_prompts_route_to(routed):
