@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py --n 20                      # SmolLM2-135M: seconds per edit, peak RSS, success
     python benchmarks/speed.py --shape 1b --n 1            # ~1B Llama-shaped random model: peak memory
+    python benchmarks/speed.py --n 20 --compare-with ../old  # also the defaults of another checkout
 
 Each mode runs in its own child process, so "peak resident memory" is that whole process's peak
 (VmHWM). The parent prints both and their ratios.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -96,6 +98,8 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also measure kdpo-lora with these settings changed (one more child per --variant)")
+    p.add_argument("--compare-with", metavar="DIR", help="also measure the defaults of the checkout in DIR "
+                                                         "(e.g. a git worktree of the last release)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,14 +114,19 @@ def main() -> None:
     results = {}
     runs = [("published", args.set), ("kdpo-lora", args.set)]
     runs += [("kdpo-lora " + variant, args.set + variant.split(",")) for variant in args.variant]
+    if args.compare_with:
+        runs.append((f"kdpo-lora at {args.compare_with}", args.set))
     for mode, pairs in runs:
-        cmd = [sys.executable, __file__, "--child", mode.split()[0], "--model", model, "--data", args.data,
+        other = mode.startswith("kdpo-lora at ")
+        script = Path(args.compare_with, "benchmarks", "speed.py").resolve() if other else __file__
+        cmd = [sys.executable, str(script), "--child", mode.split()[0], "--model", model, "--data", args.data,
                "--n", str(args.n)]
         for pair in pairs:
             cmd += ["--set", pair]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        env = {**os.environ, "PYTHONPATH": str(Path(args.compare_with).resolve())} if other else None
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         results[mode] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
         print(mode, results[mode], flush=True)
     a = results["published"]
@@ -126,6 +135,10 @@ def main() -> None:
         if mode != "published":
             ratios[f"{mode}: seconds_per_edit / published"] = row["median_seconds_per_edit"] / a["median_seconds_per_edit"]
             ratios[f"{mode}: peak_rss / published"] = row["peak_rss_mb"] / a["peak_rss_mb"]
+    if args.compare_with:
+        old = results[runs[-1][0]]
+        ratios["kdpo-lora: seconds_per_edit / at " + args.compare_with] = (
+            results["kdpo-lora"]["median_seconds_per_edit"] / old["median_seconds_per_edit"])
     print("ratios:", {k: round(v, 3) for k, v in ratios.items()})
     write(args.out, {"command": " ".join(sys.argv), "shape": args.shape, "machine": machine(), "results": results,
                      "ratios": ratios})

@@ -35,7 +35,8 @@ from .methods import METHODS
 from .prefix import frozen_prefix
 import os
 
-from .regularisers import Preservation, as_questions, other_facts, preservation_prompts, with_context
+from .regularisers import (Preservation, as_questions, other_facts, preservation_prompts, under_aliases,
+                           with_context)
 
 LEVERS = set(os.environ.get("KDPO_LEVERS", "").split(","))  # WIP: the levers being measured
 CONTINUATION = 12  # tokens after the target held at the model's own continuation
@@ -97,16 +98,15 @@ class Editor:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str], requests: int | None = None) -> obj.TargetBatch:
-        """Rows as one padded batch; the first `requests` rows (all by default) are the requests as given,
-        the rest trained variants of them (aliases, contexts), and an error says which."""
+    def encode(self, prompts: Sequence[str], targets: Sequence[str], owners: Sequence[str] | None = None
+               ) -> obj.TargetBatch:
+        """Rows as one padded batch; an error names the row's owner (`owners[i]`, default "request i")."""
         pairs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             try:
                 pairs.append(obj.tokenize_pair(self.tokenizer, prompt, target, max_length=self.max_length))
             except RequestError as err:
-                where = f"request {i}" if requests is None or i < requests else f"the trained variant {prompt[:80]!r}"
-                raise RequestError(f"{where}: {err}") from None
+                raise RequestError(f"{owners[i] if owners else f'request {i}'}: {err}") from None
         return obj.collate([p for p, _ in pairs], [t for _, t in pairs], self.tokenizer.pad_token_id, self.device)
 
     # ------------------------------------------------------------------ the loop
@@ -127,9 +127,14 @@ class Editor:
         name = name or new_adapter_name()
         n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
         rows = with_context(requests, cfg.context_prefixes, cfg.seed)
+        owners = [f"request {i % n}" + (" (after a context prefix)" if i >= n else "") for i in range(len(rows))]
+        for i, prompt, target in under_aliases(requests):
+            rows.append((prompt, target))
+            owners.append(f"request {i} (under its alias)")
         if "questions" in LEVERS:
             rows += as_questions(requests, self.tokenizer)
-        batch = self.encode([p for p, _ in rows], [t for _, t in rows], n)
+            owners += [f"request {i} (as a question)" for i in range(n)]
+        batch = self.encode([p for p, _ in rows], [t for _, t in rows], owners)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
 

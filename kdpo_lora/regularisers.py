@@ -50,19 +50,23 @@ def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int)
 
 
 def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list[tuple[str, str]]:
-    """The (prompt, target) rows an edit trains: every request as given, the same naming the subject by
-    each of its aliases, then `count` rounds of each request after a different short generic sentence.
+    """The (prompt, target) rows an edit trains: every request as given, then `count` rounds of each
+    request after a different short generic sentence (row i belongs to request i % len(requests)).
 
     An edit learnt only at the start of a text generalises poorly to the fact mentioned mid-text, as
     CounterFact's paraphrases are (ROME and MEMIT train with such context for the same reason)."""
     rows = [(r.prompt, r.target_new) for r in requests]
-    rows += [(r.with_alias(alias), r.target_new) for r in requests for alias in r.aliases]  # the subject's other names
     if count <= 0:
         return rows
     sentences = _lines(PREFIXES_FILE)
     count = min(count, len(sentences))  # each sentence at most once per request
     chosen = [random.Random(seed * 1_000_003 + i).sample(sentences, count) for i in range(len(requests))]
     return rows + [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
+
+
+def under_aliases(requests: Sequence[EditRequest]) -> list[tuple[int, str, str]]:
+    """(request index, prompt, target) for each request's prompt naming its subject by each alias."""
+    return [(i, r.with_alias(alias), r.target_new) for i, r in enumerate(requests) for alias in r.aliases]
 
 
 def as_questions(requests: Sequence[EditRequest], tokenizer) -> list[tuple[str, str]]:
