@@ -41,7 +41,7 @@ class EditConfig:
     stop: str = _opt("step", "check that every target token wins after each step (step) or once per cycle (cycle, paper)")
     loss_threshold: float = _opt(0.01, "a cycle ends once the loss falls below this (paper: 1e-3)")
     margin: float = _opt(1.0, "a target token counts as written once it leads its runner-up by this many nats")
-    preserve_weight: float = _opt(5.0, "weight of the KL keeping the request's prompt about other subjects unchanged")
+    preserve_weight: float = _opt(5.0, "weight of the KL holding the prompt about other subjects, and the text after the target")
     preserve_prompts: int = _opt(4, "subject swaps per request held by that KL")
     context_prefixes: int = _opt(4, "each request is also trained after this many short generic sentences")
     independent: bool = _opt(True, "each batch also holds with the batches below it off, so rolling any back is exact")

@@ -33,15 +33,11 @@ from .config import EditConfig
 from .errors import NumericalError, RequestError
 from .methods import METHODS
 from .prefix import frozen_prefix
-import os
-
-from .regularisers import (Preservation, as_questions, other_facts, preservation_prompts, under_aliases,
-                           with_context)
-
-LEVERS = set(os.environ.get("KDPO_LEVERS", "").split(","))  # WIP: the levers being measured
-CONTINUATION = 12  # tokens after the target held at the model's own continuation
+from .regularisers import Preservation, preservation_prompts, under_aliases, with_context
 from .requests import EditRequest, check_batch
 from .serving import compact_stack
+
+CONTINUATION = 12  # tokens after each new target held at what the model writes there
 
 
 @dataclass
@@ -131,9 +127,6 @@ class Editor:
         for i, prompt, target in under_aliases(requests):
             rows.append((prompt, target))
             owners.append(f"request {i} (under its alias)")
-        if "questions" in LEVERS:
-            rows += as_questions(requests, self.tokenizer)
-            owners += [f"request {i} (as a question)" for i in range(n)]
         batch = self.encode([p for p, _ in rows], [t for _, t in rows], owners)
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
@@ -195,38 +188,31 @@ class Editor:
     def preservation(self, requests: Sequence[EditRequest], cfg: EditConfig, below: list[str],
                       hold: Sequence[str] = (), fresh: bool = False) -> Preservation | None:
         """The subject swaps (and, on top of earlier batches, the `hold` prompts) with their answers as
-        the batches `below` give them. `fresh`: the trained adapter is still a no-op, so the edit's
+        the batches `below` give them, and what those batches write after each request's prompt and
+        new target (`continuations`). `fresh`: the trained adapter is still a no-op, so the edit's
         first pass gives those answers; they are not computed here."""
         if cfg.preserve_weight <= 0:
             return None
         edited = {r.key for r in requests}
         prompts = preservation_prompts(requests, cfg.preserve_prompts, cfg.seed)
-        if "others" in LEVERS:
-            prompts += other_facts(requests, cfg.preserve_prompts, cfg.seed)
         if below:  # trained alone, no earlier fact is active
             prompts += [p for p in hold if " ".join(p.split()).lower() not in edited]
         sequences = [torch.tensor(self.tokenizer(p.rstrip()).input_ids, device=self.device) for p in prompts]
         keep = [obj.last_position(s) for s in sequences]
-        if "continuation" in LEVERS:
-            pairs = [(r.prompt, r.target_new) for r in requests]
-            if "questions" in LEVERS:
-                pairs += as_questions(requests, self.tokenizer)
-            more, more_keep = self._continuations(pairs, below)
-            sequences, keep = sequences + more, keep + more_keep
-        if not sequences:
-            return None
-        preserve = Preservation(sequences, keep)
+        more, more_keep = self.continuations(requests, below)
+        preserve = Preservation(sequences + more, keep + more_keep)
         if not fresh:
             with torch.no_grad(), adapters.only_adapters(self.model, below):
-                preserve.reference = torch.cat(obj.sequence_log_probs(self.model, sequences, keep))
+                preserve.reference = torch.cat(obj.sequence_log_probs(self.model, preserve.sequences, preserve.keep))
         return preserve
 
-    def _continuations(self, pairs: Sequence[tuple[str, str]], below: list[str]
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each `prompt + target` followed by what the model with the batches `below` writes next
-        (CONTINUATION tokens, to its end of text), and the positions that predict those tokens: held,
-        they keep an edit from writing its target again and again ("Rome, Rome, Rome")."""
-        stated = [sum(obj.tokenize_pair(self.tokenizer, p, t), []) for p, t in pairs]
+    def continuations(self, requests: Sequence[EditRequest], below: list[str]
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each request's prompt and new target followed by what the model with the batches `below`
+        writes next (CONTINUATION tokens, up to its end of text), and the positions that predict
+        those tokens. Held there, an edit states its target and goes on as the model would: it does
+        not write the target again and again ("Rome, Rome, Rome"; repetition 0.097 -> 0.028, RESULTS 7)."""
+        stated = [sum(obj.tokenize_pair(self.tokenizer, r.prompt, r.target_new), []) for r in requests]
         input_ids, attention_mask = obj.left_pad(stated, self.tokenizer.pad_token_id, self.device)
         with torch.no_grad(), adapters.only_adapters(self.model, below):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,

@@ -1,7 +1,8 @@
-"""What an edit trains besides its requests: subject swaps held still, and the request in context.
+"""What an edit trains besides its requests: subject swaps held still, the request in context and
+under the subject's aliases.
 
-Both are built only from the request's own prompt, subject and target plus generic material shipped
-in the package (`data/`): never from a request's evaluation probes.
+All are built only from the request's own prompt, subject, target and aliases plus generic material
+shipped in the package (`data/`): never from a request's evaluation probes.
 """
 
 from __future__ import annotations
@@ -67,39 +68,3 @@ def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list
 def under_aliases(requests: Sequence[EditRequest]) -> list[tuple[int, str, str]]:
     """(request index, prompt, target) for each request's prompt naming its subject by each alias."""
     return [(i, r.with_alias(alias), r.target_new) for i, r in enumerate(requests) for alias in r.aliases]
-
-
-def as_questions(requests: Sequence[EditRequest], tokenizer) -> list[tuple[str, str]]:
-    """Each request's question (`questions.question`) asked through the chat template, answered by
-    the assistant in a sentence that states the fact: people ask, they do not complete the edit
-    prompt. The answer restates the prompt and the target follows it, as the model itself answers
-    ("The Eiffel Tower is located in ..."); trained to open the answer with the bare target, it
-    repeats it ("English, English, English", RESULTS 7). Built from the request's own prompt and
-    subject; none for a tokenizer without a chat template."""
-    from .asking import chat
-    from .questions import question
-
-    if getattr(tokenizer, "chat_template", None) is None:
-        return []
-    return [(chat(tokenizer, question(r.prompt, r.subject or ""), False) + " ".join(r.prompt.split()), r.target_new)
-            for r in requests]
-
-
-OTHER_FACTS = (
-    "{} was born in", "{} is a citizen of", "{} works as a", "{} is known for", "{} was founded in",
-    "{} is located in", "The language of {} is", "{} is a member of", "{} is owned by", "{} died in",
-)
-
-
-def other_facts(requests: Sequence[EditRequest], count: int, seed: int) -> list[str]:
-    """The subject's other facts (OTHER_FACTS filled with it), `count` per request, none sharing a
-    word with the request's own prompt: an edit of one fact must leave the subject's others."""
-    prompts = []
-    for i, r in enumerate(requests):
-        if not r.subject:
-            continue
-        own = {w for w in r.prompt.lower().replace(r.subject.lower(), " ").split() if len(w) > 3}
-        shapes = [t for t in OTHER_FACTS if not own & {w for w in t.lower().split() if len(w) > 3}]
-        rng = random.Random(seed * 1_000_003 + i)
-        prompts += [t.format(r.subject) for t in rng.sample(shapes, min(count, len(shapes)))]
-    return prompts

@@ -10,8 +10,9 @@ top of only the batches it will be served with - those its prompts name a subjec
 with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
 
 What it cannot do: a prompt that refers to an edited subject without naming it (a pronoun, a name
-not given as an alias, a multi-hop question) does not see the edit. Serving needs the router in front of the model
-(`kdpo-lora serve`, or `serve --upstream` in front of vLLM).
+not given as an alias, a multi-hop question) does not see the edit (a key from the model's hidden
+states was measured and routed too many unrelated prompts: RESULTS 7). Serving needs the router in
+front of the model (`kdpo-lora serve`, or `serve --upstream` in front of vLLM).
 """
 
 from __future__ import annotations

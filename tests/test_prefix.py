@@ -23,13 +23,22 @@ def _edit(model_dir, quantization: str, cache: bool) -> tuple[dict, list[float],
     loaded = load_model(str(model_dir), quantization, "cpu")
     editor = Editor(loaded.model, loaded.tokenizer, plain_config(**SETTINGS))
     editor.cache_prefix = cache
-    calls = []
+    calls, generating = [], []
     loaded.model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    continuations = editor.continuations
+
+    def counted(*args):  # generating the held continuation decodes token by token: not what is cached
+        before = len(calls)
+        out = continuations(*args)
+        generating.append(len(calls) - before)
+        return out
+
+    editor.continuations = counted
     layers_before = list(loaded.model.model.layers)
     result = editor.edit([REQUEST], name="e", progress=False)
     assert list(loaded.model.model.layers) == layers_before  # the real layers are back
     weights = {n: p.detach().clone() for n, p in editor.model.named_parameters() if ".e." in n}
-    return weights, result.losses, len(calls)
+    return weights, result.losses, len(calls) - sum(generating)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])

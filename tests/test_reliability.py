@@ -22,13 +22,13 @@ import torch
 from kdpo_lora import objectives
 from kdpo_lora.adapters import load_adapter
 from kdpo_lora.cli import main
-from kdpo_lora.errors import IntegrityError, NumericalError, StoreError
+from kdpo_lora.errors import IntegrityError, NumericalError
 from kdpo_lora.loading import load_model
 from kdpo_lora.requests import EditRequest
 from kdpo_lora.session import KnowledgeEditor
 from kdpo_lora.store import AdapterStore
 
-from conftest import UNROUTED, make_model, make_tokenizer
+from conftest import UNROUTED, make_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--lr", "5e-3", "--beta", "1.0", "--cycles", "4", "--quiet", "--config", UNROUTED]

@@ -181,7 +181,7 @@ def test_an_edit_through_the_admin_api_is_served_from_the_next_request_and_rolls
     code, created = _post(url + "/admin/profiles", json.dumps({"profile": "ops", "copy_from": "plain"}).encode(), TOKEN)
     assert code == 200 and "ops" in [m.id for m in client.models.list()]
     before = {p: client.completions.create(model="ops", prompt=p, max_tokens=4).choices[0].text for p in (prompt, other)}
-    record = {"prompt": prompt, "target_new": "Madrid", "subject": "The Colosseum"}
+    record = {"prompt": prompt, "target_new": "Madrid", "subject": "The Colosseum", "aliases": ["Flavian Amphitheatre"]}
     code, job = _post(url + "/admin/edits", json.dumps({"profile": "ops", "requests": [record],
                                                         "name": "colosseum-madrid"}).encode(), TOKEN)
     assert code == 202 and job["status"] in ("queued", "running")
@@ -190,6 +190,8 @@ def test_an_edit_through_the_admin_api_is_served_from_the_next_request_and_rolls
     edited = client.completions.create(model="ops", prompt=prompt, max_tokens=4)
     assert edited.choices[0].text.strip().startswith("Madrid") and edited.model_extra["kdpo_batches"] == ["colosseum-madrid"]
     assert client.completions.create(model="ops", prompt=other, max_tokens=4).choices[0].text == before[other]
+    alias = client.completions.create(model="ops", prompt="The Flavian Amphitheatre is in", max_tokens=1)
+    assert alias.model_extra["kdpo_batches"] == ["colosseum-madrid"]  # routed by the alias the edit was given
     code, listed = _post(url + "/admin/profiles", None, TOKEN)
     [ops] = [p for p in listed["profiles"] if p["profile"] == "ops"]
     assert ops["batches"] == [{"batch": "colosseum-madrid", "facts": [{**record}]}]
