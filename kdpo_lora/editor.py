@@ -121,7 +121,7 @@ class Editor:
         requests = list(requests)
         check_batch(requests)
         name = name or new_adapter_name()
-        n = len(requests)  # the first n rows are the requests as given; the rest, the same after a context
+        n = len(requests)  # the first n rows are the requests as given; then after contexts, under aliases
         rows = with_context(requests, cfg.context_prefixes, cfg.seed)
         owners = [f"request {i % n}" + (" (after a context prefix)" if i >= n else "") for i in range(len(rows))]
         for i, prompt, target in under_aliases(requests):

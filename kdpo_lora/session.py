@@ -30,6 +30,7 @@ from .evaluate import evaluate_requests, pre_edit_locality, score_targets, summa
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .requests import EditRequest
 from .profiles import ActiveProfile, ProfileRoutes
+from .regularisers import under_aliases
 from .routing import ROUTING_TABLE, SubjectRouter, by_route, check_routable
 from .serving import export_for_serving, squash
 from .store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_PROFILE, AdapterStore, ProfileChanged, check_name, warn_superseded
@@ -178,7 +179,7 @@ class KnowledgeEditor:
         router = SubjectRouter([(n, self.active.requests(n)) for n in names])
         new = SubjectRouter([("new", requests)])
         shared = {b: [r.prompt for r in self.active.requests(b) if new.route(r.prompt)] for b in router.order}
-        trained = [r.prompt for r in requests] + [r.with_alias(a) for r in requests for a in r.aliases]
+        trained = [r.prompt for r in requests] + [prompt for _, prompt, _ in under_aliases(requests)]
         below = set(router.route_all(trained)) | {b for b, p in shared.items() if p}
         return [b for b in router.order if b in below], [p for prompts in shared.values() for p in prompts]
 
