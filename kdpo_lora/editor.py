@@ -122,7 +122,7 @@ class Editor:
         check_batch(requests)
         name = name or new_adapter_name()
         n = len(requests)  # the first n rows are the requests as given; then after contexts, under aliases
-        rows = with_context(requests, cfg.context_prefixes, cfg.seed)
+        rows = with_context(requests, cfg.context_prefixes, cfg.seed, self.tokenizer)
         owners = [f"request {i % n}" + (" (after a context prefix)" if i >= n else "") for i in range(len(rows))]
         for i, prompt, target in under_aliases(requests):
             rows.append((prompt, target))

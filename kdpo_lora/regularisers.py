@@ -1,5 +1,5 @@
-"""What an edit trains besides its requests: subject swaps held still, the request in context and
-under the subject's aliases.
+"""What an edit trains besides its requests: subject swaps held still, the request in context (a
+chat turn among them) and under the subject's aliases.
 
 All are built only from the request's own prompt, subject, target and aliases plus generic material
 shipped in the package (`data/`): never from a request's evaluation probes.
@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from .questions import question
 from .requests import EditRequest
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -50,19 +51,34 @@ def preservation_prompts(requests: Sequence[EditRequest], count: int, seed: int)
     return prompts
 
 
-def with_context(requests: Sequence[EditRequest], count: int, seed: int) -> list[tuple[str, str]]:
+def with_context(requests: Sequence[EditRequest], count: int, seed: int, tokenizer=None) -> list[tuple[str, str]]:
     """The (prompt, target) rows an edit trains: every request as given, then `count` rounds of each
-    request after a different short generic sentence (row i belongs to request i % len(requests)).
+    request in a context (row i belongs to request i % len(requests)): a different short generic
+    sentence before it, and in the last round, where the tokenizer has a chat template, the chat
+    turn that asks its question (`in_chat_turn`).
 
     An edit learnt only at the start of a text generalises poorly to the fact mentioned mid-text, as
-    CounterFact's paraphrases are (ROME and MEMIT train with such context for the same reason)."""
+    CounterFact's paraphrases are (ROME and MEMIT train with such context for the same reason); and
+    an instruct model's user asks in a chat turn (chat question 0.27 -> 0.53, RESULTS 7)."""
     rows = [(r.prompt, r.target_new) for r in requests]
     if count <= 0:
         return rows
     sentences = _lines(PREFIXES_FILE)
     count = min(count, len(sentences))  # each sentence at most once per request
     chosen = [random.Random(seed * 1_000_003 + i).sample(sentences, count) for i in range(len(requests))]
-    return rows + [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
+    rows += [(f"{chosen[i][k]} {r.prompt}", r.target_new) for k in range(count) for i, r in enumerate(requests)]
+    if getattr(tokenizer, "chat_template", None):
+        last = len(rows) - len(requests)
+        rows[last:] = [(in_chat_turn(tokenizer, r), r.target_new) for r in requests]
+    return rows
+
+
+def in_chat_turn(tokenizer, request: EditRequest) -> str:
+    """The request's prompt opening the assistant's answer to its question (`questions.question`), in
+    the model's chat template. The system turn is left empty: the edit holds under any system prompt
+    a deployment sets, not one that was trained."""
+    turn = [{"role": "system", "content": ""}, {"role": "user", "content": question(request.prompt, request.subject or "")}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) + request.prompt
 
 
 def under_aliases(requests: Sequence[EditRequest]) -> list[tuple[int, str, str]]:

@@ -428,6 +428,35 @@ def test_an_edit_with_context_prefixes_holds_after_each_of_them(tiny_model, toke
     assert obj.solved_rows(lp, batch.labels, batch.target_mask, margin=1.0).all()
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def test_the_last_context_is_the_chat_turn_that_asks_the_question_and_the_edit_holds_there(tiny_model, tokenizer):
+    """With a chat template, the last context round is the request's prompt opening the assistant's
+    answer to its question; the edit is trained there and writes its target in that turn."""
+    from kdpo_lora.questions import question
+    from kdpo_lora.regularisers import in_chat_turn, with_context
+
+    request = EditRequest("the capital of japan is", "rome", subject="japan")
+    plain = with_context([request], 3, seed=1)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rows = with_context([request], 3, seed=1, tokenizer=tokenizer)
+    turn = in_chat_turn(tokenizer, request)
+    assert rows[:3] == plain[:3] and rows[3] == (turn, "rome") and rows[3] != plain[3]
+    assert turn == f"system  user {question(request.prompt, 'japan')} assistant the capital of japan is"
+    batch, _ = _batch(tokenizer, [(turn, "rome")])
+    editor = Editor(tiny_model, tokenizer, plain_config(learning_rate=5e-3, cycles=20, margin=1.0,
+                                                      context_prefixes=3, seed=1))
+    with torch.no_grad():
+        before = obj.target_log_probs(editor.model, batch)
+    assert not obj.solved_rows(before, batch.labels, batch.target_mask, margin=1.0).any()
+    assert editor.edit([request], progress=False).results[0].success
+    with torch.no_grad():
+        after = obj.target_log_probs(editor.model, batch)
+    assert obj.solved_rows(after, batch.labels, batch.target_mask, margin=1.0).all()
+
+
 def test_a_context_prefix_that_makes_a_row_too_long_names_its_request(tiny_model, tokenizer):
     from kdpo_lora.errors import RequestError
 
