@@ -3,8 +3,11 @@
 Stacked LoRA edits all act on every prompt, and after many edits their small unrelated changes add
 up on prompts no edit was about (benchmarks/notes, 4o-4q). With `routing: subject`, each prompt runs
 with just the batches holding a request whose subject - or one of its `aliases` - it names (whole
-words, case and spacing ignored, a leading "the" optional, not inside a longer name: "Paris" is not
-named in "Paris Hilton"); a prompt that names no edited subject gets the unedited model, exactly. A
+words, case, spacing, accents and the punctuation between its words ignored, a leading "the"
+optional, not inside a longer name: "Paris" is not named in "Paris Hilton"); a person's name of two
+to four capitalised words is also named with middle names added or left out, one given name before
+it, or a title before the surname ("Michael Jeffrey Jordan", "President Biden"); a prompt that names
+no edited subject gets the unedited model, exactly. A
 batch with a request that has no subject cannot be routed and is always on. A batch is trained on
 top of only the batches it will be served with - those its prompts name a subject of, and those
 with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
@@ -18,6 +21,7 @@ front of the model (`kdpo-lora serve`, or `serve --upstream` in front of vLLM).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import defaultdict
 from typing import Callable, Sequence, TypeVar
 
@@ -50,23 +54,53 @@ def check_routable(requests: Sequence[EditRequest]) -> None:
                                "be served the edit")
 
 
+_JOINT = r"[\s\-\u2010-\u2014,.()]+"  # what may stand between a name's words: "Auger-Aliassime", "Dead (season 10)"
+_CAPITALISED = r"(?-i:[A-Z])[\w.]*"
+_TITLES = r"(?-i:President|Prime\s+Minister|King|Queen|Prince|Princess|Pope|Sir|Dame|Dr|Mr|Mrs|Ms|Senator|Governor|General)"
+
+
+def _fold(text: str) -> str:
+    """`text` without accents, letter for letter ("Félix" -> "Felix"), so match positions stay those of `text`."""
+    out = []
+    for c in text:
+        bare = "".join(ch for ch in unicodedata.normalize("NFKD", c) if not unicodedata.combining(ch))
+        out.append(bare if len(bare) == 1 else c)
+    return "".join(out)
+
+
+def name_patterns(key: str) -> list[tuple[str, str]]:
+    """(kind, regex) of the ways a prompt may name `key`: as written, and for a person's name (two to
+    four capitalised words) with middle names added or dropped, one given name before it, or a title
+    before the surname. Measured on KnowEdit's alias probes and CounterFact's neighbours (RESULTS 7)."""
+    words = [w for w in re.split(_JOINT, _fold(_words(key))) if w]
+    found = [("as", _JOINT.join(re.escape(w) for w in words))]
+    if 2 <= len(words) <= 4 and all(w[0].isupper() and w.isalpha() for w in words):
+        first, last = re.escape(words[0]), re.escape(words[-1])
+        found.append(("named", rf"(?:{_CAPITALISED}\s+)?{first}(?:\s+{_CAPITALISED}){{0,3}}\s+{last}"))
+        found.append(("named", rf"{_TITLES}\.?\s+{last}"))
+    return found
+
+
 class SubjectRouter:
     """The batches of a profile (in stack order) each prompt is served by."""
 
     def __init__(self, batches: Sequence[tuple[str, Sequence[EditRequest]]]):
         self.order = [name for name, _ in batches]
         self.always: set[str] = set()
-        self.patterns: list[tuple[str, str, re.Pattern]] = []  # (batch, subject or alias, names)
+        self.patterns: list[tuple[str, str, re.Pattern]] = []  # (batch, why, names): subjects, aliases, then looser
         for name, requests in batches:
             subjects = {_words(r.subject) for r in requests if has_subject(r)}
             if not subjects or not all(has_subject(r) for r in requests):
                 self.always.add(name)
             aliases = {_words(a) for r in requests for a in r.aliases} - subjects
+            looser = []
             for kind, keys in (("subject", subjects), ("alias", aliases)):
-                if keys:
-                    alternatives = "|".join(r"\s+".join(re.escape(w) for w in k.split())
-                                            for k in sorted(keys, key=len, reverse=True))
-                    self.patterns.append((name, kind, re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)))
+                for key in sorted(keys, key=len, reverse=True):
+                    for how, regex in name_patterns(key):
+                        why = f"{kind} {{!r}}" if how == "as" else f"{kind} {key!r} named {{!r}}"
+                        (self.patterns if how == "as" else looser).append(
+                            (name, why, re.compile(rf"(?<!\w)(?:{regex})(?!\w)", re.IGNORECASE)))
+            self.patterns += looser
 
     def route(self, prompt: str) -> list[str]:
         """The batches `prompt` runs with, in stack order (empty: the unedited model)."""
@@ -78,10 +112,13 @@ class SubjectRouter:
         where the prompt names it as a whole name: "Paris" is not named in "Paris Hilton", nor "Ben"
         in "Where is Big Ben?" (a capitalised word goes on, or comes before it mid-sentence)."""
         why = {name: "no subject (always on)" for name in self.always}
-        for name, kind, pattern in self.patterns:
-            for match in pattern.finditer(prompt):
-                if not _inside_longer_name(prompt, match.start(), match.end()):
-                    why.setdefault(name, f"{kind} {match.group(0)!r}")
+        folded = _fold(prompt)
+        for name, reason, pattern in self.patterns:
+            if name in why:
+                continue
+            for match in pattern.finditer(folded):
+                if not _inside_longer_name(folded, match.start(), match.end()):
+                    why[name] = reason.format(prompt[match.start():match.end()])
                     break
         return [(name, why[name]) for name in self.order if name in why]
 

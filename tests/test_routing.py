@@ -61,6 +61,25 @@ def test_an_alias_routes_like_its_subject_and_the_route_says_which_name_fired():
     assert router.route("Big Apple and Paris") == ["nyc", "paris"]
 
 
+def test_a_subject_is_named_with_other_accents_punctuation_middle_names_or_a_title_and_the_route_says_so():
+    """The forms KnowEdit's alias probes use most, measured not to route CounterFact's neighbours (RESULTS 7)."""
+    router = SubjectRouter([
+        ("mj", [_request("Michael Jordan was born in", "Oslo", "Michael Jordan")]),
+        ("felix", [_request("Félix Auger-Aliassime plays", "golf", "Félix Auger-Aliassime")]),
+        ("twd", [_request("The Walking Dead, season 10 stars", "Ben", "The Walking Dead, season 10")]),
+        ("biden", [_request("Joe Biden was born in", "Oslo", "Joe Biden")]),
+    ])
+    assert router.explain("Michael Jeffrey Jordan was born in") == [
+        ("mj", "subject 'Michael Jordan' named 'Michael Jeffrey Jordan'")]
+    assert router.route("Felix Auger Aliassime plays") == ["felix"]  # accents and the hyphen aside
+    assert router.route("The Walking Dead (season 10) stars") == ["twd"]
+    assert router.route("President Biden was born in") == ["biden"]
+    assert router.route("Joseph Robinette Biden was born in") == []  # another given name: not this subject's
+    assert router.route("President Joseph R. Biden") == []
+    for other in ("Where is Jordan?", "Michael Phelps and Jill Biden", "Air Jordan shoes", "Felix was here"):
+        assert router.route(other) == [], other
+
+
 def test_a_batch_with_a_request_without_a_subject_is_always_on():
     router = SubjectRouter([("a", [_request("x is", "y", "Rome"), _request("z is", "w", None)]),
                             ("b", [_request("Oslo is", "y", "Oslo")])])
