@@ -9,6 +9,7 @@ looser person-name forms (`routing.name_patterns`). With `--store` (a `quality.p
 also the aliasing score itself: each alias probe scored teacher-forced as each router serves it.
 
     python benchmarks/alias_routes.py --knowedit ../shared/data/knowedit_wiki_counterfact_test.jsonl --counterfact ../shared/data/counterfact.jsonl
+    ... --store STORE --edited kdpo_lora/data/samples/knowedit_wiki_counterfact_test.jsonl --n 29   # and the score
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main() -> None:
     p.add_argument("--knowedit", nargs="+", required=True)
     p.add_argument("--counterfact", required=True)
     p.add_argument("--store", help="a quality.py store of KnowEdit edits, one per batch, to score the alias probes on")
-    p.add_argument("--n", type=int, default=30, help="requests of --knowedit[0] the store edited")
+    p.add_argument("--edited", help="the request file the store's run edited (default: the first --knowedit)")
+    p.add_argument("--n", type=int, default=30, help="how many of its requests the run edited")
     p.add_argument("--out")
     args = p.parse_args()
     result: dict = {}
@@ -56,7 +58,7 @@ def main() -> None:
         result[f"counterfact neighbours routed to another batch (1000 edits), {form}"] = [wrong, sum(len(r.locality) for r in cf)]
         print(form, {k: v for k, v in result.items() if k.endswith(form)}, flush=True)
     if args.store:
-        result.update(score_store(args.store, args.knowedit[0], args.n))
+        result.update(score_store(args.store, args.edited or args.knowedit[0], args.n))
         print(result)
     write(args.out, {"command": " ".join(sys.argv), **result})
 
