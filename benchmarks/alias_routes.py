@@ -4,11 +4,12 @@ For each KnowEdit request, its Subject_Aliasing probes (the edit prompt naming t
 name: "Michael Jeffrey Jordan", "President Biden", "USSR") are routed by a router of that request
 alone; CounterFact's neighbourhood prompts (other subjects) are routed by one router of the first
 1000 CounterFact requests, each its own batch: a neighbour routed to a batch is one the edits may
-change. Both with the names as written (accents, case and spacing aside) and with the router's
+change; so are the prompts of later CounterFact records about other subjects, and Natural Questions. Both with the names as written (accents, case and spacing aside) and with the router's
 looser person-name forms (`routing.name_patterns`). With `--store` (a `quality.py` KnowEdit run),
 also the aliasing score itself: each alias probe scored teacher-forced as each router serves it.
 
-    python benchmarks/alias_routes.py --knowedit ../shared/data/knowedit_wiki_counterfact_test.jsonl --counterfact ../shared/data/counterfact.jsonl
+    python benchmarks/alias_routes.py --knowedit ../shared/data/knowedit_wiki_counterfact_test.jsonl \
+        --counterfact ../shared/data/counterfact.jsonl --nq ../shared/data/zsre_portability.jsonl
     ... --store STORE --edited kdpo_lora/data/samples/knowedit_wiki_counterfact_test.jsonl --n 29   # and the score
 """
 
@@ -36,10 +37,18 @@ def alias_probes(path: str) -> list[tuple[object, str]]:
     return [(r, p.prompt) for r in read_requests(path) if r.subject for p in r.portability if p.type == "Subject_Aliasing"]
 
 
+def other_prompts(path: str, edited) -> list[str]:
+    """Prompts of CounterFact records 1000-6000 about subjects none of `edited` has: none should route."""
+    subjects = {r.subject.casefold() for r in edited}
+    return [q for r in read_requests(path)[1000:6000] if r.subject.casefold() not in subjects
+            for q in (r.prompt, *r.rephrase_prompts, *(loc.prompt for loc in r.locality))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--knowedit", nargs="+", required=True)
     p.add_argument("--counterfact", required=True)
+    p.add_argument("--nq", help="a zsRE file whose locality probes are Natural Questions, none of which should route")
     p.add_argument("--store", help="a quality.py store of KnowEdit edits, one per batch, to score the alias probes on")
     p.add_argument("--edited", help="the request file the store's run edited (default: the first --knowedit)")
     p.add_argument("--n", type=int, default=30, help="how many of its requests the run edited")
@@ -56,6 +65,12 @@ def main() -> None:
         everyone = router([(str(i), [r]) for i, r in enumerate(cf)], looser)
         wrong = sum(any(b != str(i) for b in everyone.route(loc.prompt)) for i, r in enumerate(cf) for loc in r.locality)
         result[f"counterfact neighbours routed to another batch (1000 edits), {form}"] = [wrong, sum(len(r.locality) for r in cf)]
+        others = other_prompts(args.counterfact, cf)
+        result[f"other counterfact prompts routed (records 1000-6000, other subjects), {form}"] = [
+            sum(bool(everyone.route(q)) for q in others), len(others)]
+        if args.nq:
+            questions = [loc.prompt for r in read_requests(args.nq) for loc in r.locality]
+            result[f"natural questions routed (1000 edits), {form}"] = [sum(bool(everyone.route(q)) for q in questions), len(questions)]
         print(form, {k: v for k, v in result.items() if k.endswith(form)}, flush=True)
     if args.store:
         result.update(score_store(args.store, args.edited or args.knowedit[0], args.n))

@@ -4,10 +4,10 @@ Stacked LoRA edits all act on every prompt, and after many edits their small unr
 up on prompts no edit was about (benchmarks/notes, 4o-4q). With `routing: subject`, each prompt runs
 with just the batches holding a request whose subject - or one of its `aliases` - it names (whole
 words, case, spacing, accents and the punctuation between its words ignored, a leading "the"
-optional, not inside a longer name: "Paris" is not named in "Paris Hilton"); a person's name of two
-to four capitalised words is also named with middle names added or left out, one given name before
-it, or a title before the surname ("Michael Jeffrey Jordan", "President Biden"); a prompt that names
-no edited subject gets the unedited model, exactly. A
+optional, not inside a longer name: "Paris" is not named in "Paris Hilton"), and in the other forms
+of `name_patterns` (words run together, a club without its "F.C.", a person with middle names added
+or dropped, a short or full given name, an initial or a title: "Michael Jeffrey Jordan", "President
+Biden"); a prompt that names no edited subject gets the unedited model, exactly. A
 batch with a request that has no subject cannot be routed and is always on. A batch is trained on
 top of only the batches it will be served with - those its prompts name a subject of, and those
 with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import defaultdict
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from .errors import RequestError
@@ -55,8 +57,16 @@ def check_routable(requests: Sequence[EditRequest]) -> None:
 
 
 _JOINT = r"[\s\-\u2010-\u2014,.()]+"  # what may stand between a name's words: "Auger-Aliassime", "Dead (season 10)"
-_CAPITALISED = r"(?-i:[A-Z])[\w.]*"
+_CAPITALISED = r"(?-i:[A-Z])[\w.'’-]*"
+_QUOTED = rf"[\"“']?{_CAPITALISED}[\"”']?"  # a middle name, or a nickname in quotes: Clinton "Clint" Eastwood
 _TITLES = r"(?-i:President|Prime\s+Minister|King|Queen|Prince|Princess|Pope|Sir|Dame|Dr|Mr|Mrs|Ms|Senator|Governor|General)"
+_PERSON_WORD = re.compile(r"[A-Z][^\W\d_]*(?:['’-][A-Z]?[^\W\d_]+)*\.?")
+_GENERATION = re.compile(r"^(\S+\s.+?),?\s+(?:Jr\.?|Sr\.?|II|III|IV)$")  # of a name of two words or more
+_CLUB = re.compile(r"^(.+?),?\s+(?:F\.?\s?C\.?|A\.?F\.?C\.?|C\.?F\.?|S\.?C\.?|Inc\.?|Ltd\.?|Corp\.?|Corporation|Company|plc|LLC)$")
+_NOBLE = re.compile(r"^(.+?),\s+(?:(?:\d+(?:st|nd|rd|th)\s+)?(?:Duke|Duchess|Marquis|Marquess|Marchioness|Earl|Count|"
+                    r"Countess|Baron|Baroness|Viscount|Viscountess|Lord|Lady)\b|The\s+Queen\s+Mother).*$")
+_CLUB_SUFFIX = r"(?:,?\s+(?:Football\s+Club|F\.?\s?C\.?|A\.?F\.?C\.?|Inc\.?|Incorporated|Ltd\.?|Limited|Corp\.?|Corporation|Company|plc|LLC))?"
+_DATA = Path(__file__).resolve().parent / "data"
 
 
 def _fold(text: str) -> str:
@@ -68,15 +78,57 @@ def _fold(text: str) -> str:
     return "".join(out)
 
 
+def _word_lines(file: str) -> list[list[str]]:
+    return [line.split() for line in (_DATA / file).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+@lru_cache(maxsize=1)
+def _given_names() -> dict[str, frozenset[str]]:
+    """Each given name in `given_names.txt` -> the names it shares a line with ("Jim" -> James, Jimmy, Jamie)."""
+    same: dict[str, set[str]] = defaultdict(set)
+    for names in _word_lines("given_names.txt"):
+        for name in names:
+            same[name] |= set(names)
+    return {name: frozenset(others) for name, others in same.items()}
+
+
+@lru_cache(maxsize=1)
+def _not_person_words() -> frozenset[str]:
+    return frozenset(w.casefold() for words in _word_lines("not_person_words.txt") for w in words)
+
+
+def _given(name: str) -> str:
+    """A regex for a given name: itself, or the names it is short for or short of ("Jim" for "James")."""
+    names = sorted(_given_names().get(name, {name}) | {name}, key=len, reverse=True)
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
 def name_patterns(key: str) -> list[tuple[str, str]]:
-    """(kind, regex) of the ways a prompt may name `key`: as written, and for a person's name (two to
-    four capitalised words) with middle names added or dropped, one given name before it, or a title
-    before the surname. Measured on KnowEdit's alias probes and CounterFact's neighbours (RESULTS 7)."""
-    words = [w for w in re.split(_JOINT, _fold(_words(key))) if w]
+    """(kind, regex) of the ways a prompt may name `key`: "as" written (accents, case and punctuation
+    aside), or "named" otherwise: its words run together ("Srilanka"); a club's or company's name
+    without or with its suffix ("Chelsea" for "Chelsea F.C."); a titled name by the name before the
+    comma ("Prince Harry" for "Prince Harry, Duke of Sussex"); and a person's name of two to four
+    capitalised words with middle names (or a quoted nickname) added or dropped, one given name
+    before it, a short or full form or the initial of the first name ("Jim" for "James", "A."), or a
+    title before the surname - unless a word says it is no person ("Second Spanish Republic"). Measured on KnowEdit's alias probes against the false routes on
+    CounterFact's neighbours and Natural Questions (RESULTS 7)."""
+    key = _fold(_words(key))
+    words = [w for w in re.split(_JOINT, key) if w]
     found = [("as", _JOINT.join(re.escape(w) for w in words))]
-    if 2 <= len(words) <= 4 and all(w[0].isupper() and w.isalpha() for w in words):
-        first, last = re.escape(words[0]), re.escape(words[-1])
-        found.append(("named", rf"(?:{_CAPITALISED}\s+)?{first}(?:\s+{_CAPITALISED}){{0,3}}\s+{last}"))
+    if len(words) >= 2:
+        found.append(("named", rf"(?:{_JOINT})?".join(re.escape(w) for w in words)))
+    shorter = [(m.group(1), _CLUB_SUFFIX if rule is _CLUB else "") for rule in (_GENERATION, _CLUB, _NOBLE)
+               if (m := rule.match(key)) and len(m.group(1)) >= 4]  # not "Ba" for "Ba F.C."
+    for base, suffix in shorter:
+        found += [("named", regex + suffix) for _, regex in name_patterns(base)]
+    person = key.split()
+    if (2 <= len(person) <= 4 and all(_PERSON_WORD.fullmatch(w) for w in person) and not shorter
+            and not {w.casefold() for w in person} & _not_person_words()):
+        first, last = person[0].rstrip("."), re.escape(person[-1])
+        middle = rf"(?:\s+{_QUOTED}){{0,3}}\s+{last}"
+        found.append(("named", rf"(?:{_CAPITALISED}\s+)?{_given(first)}{middle}"))
+        found.append(("named", rf"{re.escape(first[0])}\.{middle}"))
         found.append(("named", rf"{_TITLES}\.?\s+{last}"))
     return found
 
@@ -129,16 +181,19 @@ class SubjectRouter:
 
 
 _NEXT_WORD = re.compile(r"[ \t]+([^\W\d_])")
+_INITIAL = re.compile(r"(?<!\w)[A-Z]\.[ \t]*$")  # "O. J. Simpson" is not "J. Simpson"
 _PREVIOUS_WORD = re.compile(r"(?:^|(?<=[^\w]))([^\W\d_][\w'-]*)[ \t]+$")
 
 
 def _inside_longer_name(text: str, start: int, end: int) -> bool:
-    """The name text[start:end] continues into a capitalised word, or follows one that does not
-    begin a sentence (or a line, as a chat turn does)."""
+    """The name text[start:end] continues into a capitalised word, or follows an initial or a
+    capitalised word that does not begin a sentence (or a line, as a chat turn does)."""
     following = _NEXT_WORD.match(text, end)
     if following and following.group(1).isupper():
         return True
     before = text[:start]
+    if _INITIAL.search(before):
+        return True
     previous = _PREVIOUS_WORD.search(before)
     if not previous or not previous.group(1)[0].isupper():
         return False

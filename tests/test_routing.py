@@ -74,8 +74,8 @@ def test_a_subject_is_named_with_other_accents_punctuation_middle_names_or_a_tit
     assert router.route("Felix Auger Aliassime plays") == ["felix"]  # accents and the hyphen aside
     assert router.route("The Walking Dead (season 10) stars") == ["twd"]
     assert router.route("President Biden was born in") == ["biden"]
-    assert router.route("Joseph Robinette Biden was born in") == []  # another given name: not this subject's
-    assert router.route("President Joseph R. Biden") == []
+    assert router.route("Michael Phelps Jordan") == ["mj"]  # middle names are any capitalised words
+    assert router.route("Johnny Biden was born in") == []  # another given name: not this subject's
     for other in ("Where is Jordan?", "Michael Phelps and Jill Biden", "Air Jordan shoes", "Felix was here"):
         assert router.route(other) == [], other
 
@@ -255,3 +255,30 @@ def test_a_tampered_routed_batch_is_refused_when_it_is_loaded_and_the_others_sti
     with pytest.raises(IntegrityError, match=f"{names[1]}.*modified"):
         fresh.generate([FACTS[1][0]], max_new_tokens=1)
     assert fresh.store().profile("default") == names and adapters.adapter_names(fresh.model) == [names[0]]
+
+
+def test_a_subject_is_named_by_a_short_or_full_given_name_an_initial_a_nickname_or_without_its_suffix():
+    """The rest of KnowEdit's alias forms (RESULTS 7), each with a prompt about someone else that must not route."""
+    router = SubjectRouter([
+        ("jim", [_request("Jim Carrey was born in", "Oslo", "Jim Carrey")]),
+        ("simpson", [_request("James Young Simpson worked in", "Oslo", "James Young Simpson")]),
+        ("clint", [_request("Clint Eastwood was born in", "Oslo", "Clint Eastwood")]),
+        ("chelsea", [_request("Chelsea F.C. plays in", "Oslo", "Chelsea F.C.")]),
+        ("harry", [_request("Prince Harry, Duke of Sussex lives in", "Oslo", "Prince Harry, Duke of Sussex")]),
+        ("lanka", [_request("Sri Lanka is in", "Europe", "Sri Lanka")]),
+        ("king", [_request("Martin Luther King Jr. was born in", "Oslo", "Martin Luther King Jr.")]),
+        ("republic", [_request("Second Spanish Republic had its capital in", "Oslo", "Second Spanish Republic")]),
+        ("ba", [_request("Ba F.C. plays in", "Oslo", "Ba F.C.")]),
+    ])
+    assert router.explain("James Carrey was born in") == [("jim", "subject 'Jim Carrey' named 'James Carrey'")]
+    assert router.route("J. Young Simpson worked in") == ["simpson"]
+    assert router.route("Jimmy Simpson worked in") == ["simpson"]
+    assert router.route('Clinton "Clint" Eastwood was born in') == ["clint"]
+    assert router.route("Chelsea Football Club plays in") == ["chelsea"]
+    assert router.route("Chelsea plays in") == ["chelsea"]
+    assert router.route("Prince Harry lives in") == ["harry"]
+    assert router.route("Srilanka is in") == ["lanka"]
+    assert router.route("Martin Luther King was born in") == ["king"]
+    for other in ("O. J. Simpson was born in", "Second Polish Republic had its capital in", "Chelsea Clinton lives in",
+                  "Adama Ba plays in", "Harry Potter lives in"):
+        assert router.route(other) == [], other
