@@ -135,6 +135,7 @@ def main() -> None:
     tokenizer = ke.loaded.tokenizer
     pre_path = store_dir / "pre_locality.json"
     if not pre_path.is_file():
+        store_dir.mkdir(parents=True, exist_ok=True)  # a new store: nothing is written to it before the first edit
         pre_path.write_text(json.dumps(pre_edit_locality(ke.model, tokenizer, requests)))
     pre = json.loads(pre_path.read_text())
     done, sequential = state["done"], _stored_batches(ke)
@@ -171,7 +172,7 @@ def main() -> None:
             right_after[int(i) + 10 ** 6] = worker["right_after"][i]  # after the sequential rows, in order
             seconds.append(worker["seconds"][i])
         skipped += len(worker["skipped"])
-    store = AdapterStore(store_dir)
+    store = AdapterStore(store_dir, create=True)  # a run begun here has stored nothing before the merge
     order = sorted(by_index)
     merged = set(_stored_batches(ke))  # a resumed merge skips what it already copied
     for i in order:
