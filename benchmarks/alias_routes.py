@@ -4,8 +4,9 @@ For each KnowEdit request, its Subject_Aliasing probes (the edit prompt naming t
 name: "Michael Jeffrey Jordan", "President Biden", "USSR") are routed by a router of that request
 alone; CounterFact's neighbourhood prompts (other subjects) are routed by one router of the first
 1000 CounterFact requests, each its own batch: a neighbour routed to a batch is one the edits may
-change; so are the prompts of later CounterFact records about other subjects, and Natural Questions. Both with the names as written (accents, case and spacing aside) and with the router's
-looser person-name forms (`routing.name_patterns`). With `--store` (a `quality.py` KnowEdit run),
+change; so are the prompts of later CounterFact records about other subjects, and Natural
+Questions. Both with the names as written (accents, case and spacing aside) and with the router's
+looser forms (`routing.name_patterns`). With `--store` (a `quality.py` KnowEdit run),
 also the aliasing score itself: each alias probe scored teacher-forced as each router serves it.
 
     python benchmarks/alias_routes.py --knowedit ../shared/data/knowedit_wiki_counterfact_test.jsonl \

@@ -62,10 +62,11 @@ _QUOTED = rf"[\"“']?{_CAPITALISED}[\"”']?"  # a middle name, or a nickname i
 _TITLES = r"(?-i:President|Prime\s+Minister|King|Queen|Prince|Princess|Pope|Sir|Dame|Dr|Mr|Mrs|Ms|Senator|Governor|General)"
 _PERSON_WORD = re.compile(r"[A-Z][^\W\d_]*(?:['’-][A-Z]?[^\W\d_]+)*\.?")
 _GENERATION = re.compile(r"^(\S+\s.+?),?\s+(?:Jr\.?|Sr\.?|II|III|IV)$")  # of a name of two words or more
-_CLUB = re.compile(r"^(.+?),?\s+(?:F\.?\s?C\.?|A\.?F\.?C\.?|C\.?F\.?|S\.?C\.?|Inc\.?|Ltd\.?|Corp\.?|Corporation|Company|plc|LLC)$")
+_SUFFIXES = r"F\.?\s?C\.?|A\.?F\.?C\.?|Inc\.?|Ltd\.?|Corp\.?|Corporation|Company|plc|LLC"  # of a club or company
+_CLUB = re.compile(rf"^(.+?),?\s+(?:{_SUFFIXES}|C\.?F\.?|S\.?C\.?)$")
 _NOBLE = re.compile(r"^(.+?),\s+(?:(?:\d+(?:st|nd|rd|th)\s+)?(?:Duke|Duchess|Marquis|Marquess|Marchioness|Earl|Count|"
                     r"Countess|Baron|Baroness|Viscount|Viscountess|Lord|Lady)\b|The\s+Queen\s+Mother).*$")
-_CLUB_SUFFIX = r"(?:,?\s+(?:Football\s+Club|F\.?\s?C\.?|A\.?F\.?C\.?|Inc\.?|Incorporated|Ltd\.?|Limited|Corp\.?|Corporation|Company|plc|LLC))?"
+_CLUB_SUFFIX = rf"(?:,?\s+(?:Football\s+Club|Incorporated|Limited|{_SUFFIXES}))?"  # written out or not
 _DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -111,8 +112,9 @@ def name_patterns(key: str) -> list[tuple[str, str]]:
     comma ("Prince Harry" for "Prince Harry, Duke of Sussex"); and a person's name of two to four
     capitalised words with middle names (or a quoted nickname) added or dropped, one given name
     before it, a short or full form or the initial of the first name ("Jim" for "James", "A."), or a
-    title before the surname - unless a word says it is no person ("Second Spanish Republic"). Measured on KnowEdit's alias probes against the false routes on
-    CounterFact's neighbours and Natural Questions (RESULTS 7)."""
+    title before the surname - unless a word says it is no person ("Second Spanish Republic").
+    Measured on KnowEdit's alias probes against the false routes on other CounterFact prompts and
+    Natural Questions (RESULTS 7)."""
     key = _fold(_words(key))
     words = [w for w in re.split(_JOINT, key) if w]
     found = [("as", _JOINT.join(re.escape(w) for w in words))]
