@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 from statistics import mean
 
@@ -53,7 +54,7 @@ def main() -> None:
     for name, wording in WORDINGS.items():
         prompts = [chat(tokenizer, wording.format(question=question(r.prompt, r.subject), subject=r.subject,
                                                   prompt=r.prompt), system=False) for r in requests]
-        edited = _routed(ke.model, ke.route, lambda group: greedy_tokens(ke.model, tokenizer, group, ANSWER_TOKENS), prompts)
+        edited = _routed(ke.model, ke.route, partial(greedy_tokens, ke.model, tokenizer, max_new_tokens=ANSWER_TOKENS), prompts)
         with only_adapters(ke.model, ()):
             unedited = greedy_tokens(ke.model, tokenizer, prompts, ANSWER_TOKENS)
         score = [mean(right(tokenizer.decode(a, skip_special_tokens=True), r) for a, r in zip(answers, requests))

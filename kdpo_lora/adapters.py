@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from . import merged
@@ -88,15 +89,37 @@ def only_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None
     merged.set_merged_stack(model, merged.STACK in names)
     names = [n for n in names if n != merged.STACK]
     try:
-        if not isinstance(model, PeftModel):
-            yield
-        elif not names:
-            with model.disable_adapter():
+        if not names:
+            with _lora_layers_off(model):
                 yield
+        elif not isinstance(model, PeftModel):
+            yield
         else:
             yield from _only_peft_adapters(model, names)
     finally:
         merged.set_merged_stack(model, merged_before)
+
+
+@contextmanager
+def _lora_layers_off(model: torch.nn.Module) -> Iterator[None]:
+    """Every LoRA layer off: through the PeftModel, or on the modules themselves where `model` is the
+    base model that peft wrapped after the caller took hold of it (its layers hold the adapters)."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    was_off = [m.disable_adapters for m in layers]
+    grads = {p: p.requires_grad for m in layers for p in m.parameters()}  # enabling sets them; keep them
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, off in zip(layers, was_off):
+            layer.enable_adapters(not off)
+        for param, grad in grads.items():
+            param.requires_grad_(grad)
 
 
 def _only_peft_adapters(model: PeftModel, names: Sequence[str]) -> Iterator[None]:

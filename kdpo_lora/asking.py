@@ -18,6 +18,7 @@ target. Metrics per request (keys of the results JSON):
 from __future__ import annotations
 
 import re
+from functools import partial
 from statistics import mean
 from typing import Sequence
 
@@ -25,6 +26,7 @@ import torch
 
 from .adapters import only_adapters
 from .evaluate import Route, _routed, ngram_entropy
+from .gate import Gate, generate
 from .questions import question
 from .requests import EditRequest
 
@@ -58,8 +60,8 @@ def chat(tokenizer, user: str, system: bool) -> str:
 
 
 @torch.no_grad()
-def greedy_tokens(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-    """The greedy answer tokens of each prompt (written by the chat template)."""
+def greedy_tokens(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, gate: Gate | None = None) -> list[list[int]]:
+    """The greedy answer tokens of each prompt (written by the chat template), through `gate`."""
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for start in range(0, len(prompts), 16):
@@ -67,9 +69,8 @@ def greedy_tokens(model, tokenizer, prompts: Sequence[str], max_new_tokens: int)
         bos = getattr(tokenizer, "bos_token", None)  # the chat template writes it where the model wants it
         encoded = tokenizer(chunk, return_tensors="pt", padding=True,
                             add_special_tokens=not (bos and chunk[0].startswith(bos))).to(device)
-        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-        for row in generated[:, encoded.input_ids.shape[1]:].tolist():
+        generated = generate(model, encoded, max_new_tokens, tokenizer.pad_token_id, gate)
+        for row in generated.tolist():
             out.append([t for t in row if t != tokenizer.pad_token_id])
     return out
 
@@ -84,8 +85,8 @@ def asking_metrics(model, tokenizer, requests: Sequence[EditRequest], route: Rou
         prompts += [chat(tokenizer, q, system) for q in asked for system in (True, False)]
         prompts += [chat(tokenizer, LONG_FORM.format(r.subject or r.prompt), False)]
         spans.append((start, len(asked)))
-    answers = _routed(model, route, lambda group: greedy_tokens(model, tokenizer, group, LONG_TOKENS), prompts)
-    continued = _routed(model, route, lambda group: greedy_tokens(model, tokenizer, group, REPEAT_TOKENS),
+    answers = _routed(model, route, partial(greedy_tokens, model, tokenizer, max_new_tokens=LONG_TOKENS), prompts)
+    continued = _routed(model, route, partial(greedy_tokens, model, tokenizer, max_new_tokens=REPEAT_TOKENS),
                         [r.prompt for r in requests])
     long_prompts = [prompts[start + 2 * asked] for start, asked in spans]
     with only_adapters(model, ()):

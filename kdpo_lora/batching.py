@@ -5,7 +5,9 @@ different profiles and routes share every forward pass; throughput grows with co
 while each row still sees exactly its own batches. One thread (`Batcher`) owns the model: it
 gathers what is waiting, asks its `plan` which rows go together and with which adapters (loading
 any batch they need, between passes, never during one), decodes them step by step with a KV
-cache, and hands each row its text as it comes. Rows that finish leave the batch at once.
+cache, and hands each row its text as it comes. Rows that finish leave the batch at once. A row
+served through an edit gate (`gate.py`) has a twin row with the adapters off, fed the same tokens,
+so that each step has both distributions for the gate to choose from.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -36,8 +38,11 @@ class Row:
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)  # ("batches", names), ("text", s), ("end", reason, n) or ("error", exc)
     cancelled: bool = False  # the client went away: drop the row at the next step
     route: list[str] = field(default_factory=list)  # the batches serving it (set by the plan)
+    gate: Any = None  # its route's edit gate (`gate.Gate`, set by the plan): decoded beside a twin row
     generated: list[int] = field(default_factory=list)
     sent: str = ""
+    twin: "Row | None" = None  # the row decoding it with the adapters off, for the gate
+    twin_of: "Row | None" = None  # set on a twin: the row it serves (a twin sends no text)
 
 
 @dataclass
@@ -183,34 +188,59 @@ class Batcher:
 
         device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if adapters is not None:  # a twin with the adapters off for each gated row
+            twins = [Row(r.ids, r.profile, r.prompt, r.max_tokens, twin_of=r) for r in rows if r.gate is not None]
+            for twin in twins:
+                twin.twin_of.twin = twin
+            rows, adapters = rows + twins, adapters + [BASE] * len(twins)
         width = max(len(r.ids) for r in rows)
         input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(model, input_ids, mask, positions, cache, adapters)
-        return _Decoding(list(rows), adapters, cache, mask, positions, [self._pick(l, r) for l, r in zip(logits, rows)],
-                         joinable)
+        return _Decoding(list(rows), adapters, cache, mask, positions, self._pick_all(logits, rows), joinable)
 
     def _step(self, model, running: _Decoding) -> None:
         running.mask = torch.cat([running.mask, running.mask.new_ones(len(running.rows), 1)], dim=1)
         running.positions = running.positions[:, -1:] + 1
         step_input = torch.tensor(running.tokens, device=running.mask.device).unsqueeze(1)
         logits = self._forward(model, step_input, running.mask, running.positions, running.cache, running.adapters)
-        running.tokens = [self._pick(l, r) for l, r in zip(logits, running.rows)]
+        running.tokens = self._pick_all(logits, running.rows)
+
+    def _pick_all(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        """Each row's next token; a gated row's from the distribution its gate chooses, and its twin's the same."""
+        tokens = [0] * len(rows)
+        where = {id(row): i for i, row in enumerate(rows)}
+        for i, row in enumerate(rows):
+            if row.twin_of is not None:
+                continue
+            chosen = logits[i]
+            if row.twin is not None:
+                chosen = row.gate.choose(logits[i], logits[where[id(row.twin)]], row.generated)
+            tokens[i] = self._pick(chosen, row)
+            if row.twin is not None:
+                tokens[where[id(row.twin)]] = tokens[i]
+        return tokens
 
     def _emit_all(self, running: _Decoding) -> None:
         """Hand each row its newest token's text; rows that finished leave the batch."""
-        keep = []
+        keep, left = [], set()
         for i, (row, token) in enumerate(zip(running.rows, running.tokens)):
+            if row.twin_of is not None:
+                continue
             ended = token in self.eos_ids
             if not ended:
                 row.generated.append(token)
             reason = self._emit(row, ended)
             if reason is None and not row.cancelled:
                 keep.append(i)
-            elif reason is not None:
-                row.events.put(("end", reason, len(row.generated)))
+            else:
+                left.add(id(row))
+                if reason is not None:
+                    row.events.put(("end", reason, len(row.generated)))
+        keep += [i for i, row in enumerate(running.rows) if row.twin_of is not None and id(row.twin_of) not in left]
+        keep.sort()
         if len(keep) < len(running.rows):
             running.keep(keep)
 

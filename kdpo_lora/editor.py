@@ -31,6 +31,8 @@ from . import adapters
 from . import objectives as obj
 from .config import EditConfig
 from .errors import NumericalError, RequestError
+from .gate import Gate
+from .gate import generate as gated_generate
 from .methods import METHODS
 from .prefix import frozen_prefix
 from .regularisers import Preservation, preservation_prompts, under_aliases, with_context
@@ -335,10 +337,11 @@ class Editor:
 
     # ------------------------------------------------------------------ using the edits
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, use_edits: bool = True) -> list[str]:
-        """Greedy continuations of `prompts`, with the active edits or with none."""
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, use_edits: bool = True,
+                 gate: Gate | None = None) -> list[str]:
+        """Greedy continuations of `prompts`, with the active edits (through `gate`) or with none."""
         self.check_prompts(prompts, max_new_tokens)
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens, use_edits)
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, use_edits, gate)
 
     def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> None:
         """Refuse, before computing anything, prompts the model cannot continue by `max_new_tokens`."""
@@ -354,11 +357,10 @@ class Editor:
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
-             use_edits: bool = True) -> list[str]:
+             use_edits: bool = True, gate: Gate | None = None) -> list[str]:
     """Batched greedy generation; `use_edits=False` switches every adapter off."""
     device = next(model.parameters()).device
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     with torch.no_grad(), adapters.only_adapters(model, ()) if not use_edits else nullcontext():
-        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+        out = gated_generate(model, encoded, max_new_tokens, tokenizer.pad_token_id, gate if use_edits else None)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -14,7 +14,7 @@ Metrics (see README for their provenance):
   samples from the edit prompt (words split on whitespace and punctuation, where they use NLTK).
 
 Every scorer takes an optional `route` (a prompt -> the adapters it runs with; `routing.py`), so a
-subject-routed profile is measured the way it is served. A route with a `serve(names)` method
+subject-routed profile is measured the way it is served, through its edit gate (`gate.py`). A route with a `serve(names)` method
 (`session.ProfileRoutes`) runs each group of prompts inside it, which loads batches not in memory.
 """
 
@@ -33,6 +33,8 @@ import torch
 
 from . import objectives as obj
 from .adapters import only_adapters
+from .gate import Gate
+from .gate import generate as gated_generate
 from .requests import EditRequest
 from .routing import by_route
 
@@ -46,13 +48,16 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _routed(model, route: Route | None, fn: Callable[..., list], prompts: Sequence[str], *columns: Sequence) -> list:
-    """`fn(prompts, *columns)` on each group of prompts sharing a route (the columns taken alike),
-    with exactly that route's adapters active; results in the prompts' order."""
+    """`fn(prompts, *columns, gate=...)` on each group of prompts sharing a route (the columns taken
+    alike), with exactly that route's adapters active and its edit gate (`gate.py`; None without
+    one); results in the prompts' order."""
     serve = getattr(route, "serve", None) or partial(only_adapters, model)
+    gate_of = getattr(route, "gate", None)
 
     def run(indices: list[int], names: tuple[str, ...] | None) -> list:
+        gate = gate_of(names) if names and gate_of is not None else None
         with nullcontext() if names is None else serve(names):
-            return fn([prompts[i] for i in indices], *([column[i] for i in indices] for column in columns))
+            return fn([prompts[i] for i in indices], *([column[i] for i in indices] for column in columns), gate=gate)
     return by_route(prompts, route, run)
 
 
@@ -63,13 +68,17 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
 
 
 @torch.no_grad()
-def _score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[dict]:
+def _score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], gate: Gate | None = None) -> list[dict]:
     device = next(model.parameters()).device
     rows = []
     pairs = [obj.tokenize_pair(tokenizer, p, t, max_target_tokens=512) for p, t in zip(prompts, targets)]
     for chunk in _chunks(pairs, BATCH):
         batch = obj.collate([p for p, _ in chunk], [t for _, t in chunk], tokenizer.pad_token_id, device)
         log_probs = obj.target_log_probs(model, batch)
+        if gate is not None:
+            with only_adapters(model, ()):
+                unedited = obj.target_log_probs(model, batch)
+            log_probs = gate.choose_teacher_forced(log_probs, unedited, batch.labels, batch.target_mask)
         argmax = log_probs.argmax(-1)
         token_lp = obj.gather(log_probs, batch.labels)
         for i in range(len(chunk)):
@@ -95,15 +104,15 @@ def generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequen
 
 
 @torch.no_grad()
-def _generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[bool]:
+def _generation_matches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                        gate: Gate | None = None) -> list[bool]:
     device = next(model.parameters()).device
     out: list[bool] = []
     for chunk in _chunks(list(zip(prompts, targets)), BATCH):
         longest = max(len(tokenizer(" " + t, add_special_tokens=False).input_ids) for _, t in chunk)
         encoded = tokenizer([p.rstrip() for p, _ in chunk], return_tensors="pt", padding=True).to(device)
-        generated = model.generate(**encoded, max_new_tokens=longest + 2, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(generated[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+        generated = gated_generate(model, encoded, longest + 2, tokenizer.pad_token_id, gate)
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         for text, (_, target) in zip(texts, chunk):
             out.append(" ".join(text.split()).startswith(" ".join(target.split())))
     return out
@@ -251,19 +260,20 @@ def fluency(model, tokenizer, prompts: Sequence[str], samples: int = 2, max_new_
             route: Route | None = None) -> float:
     """Mean n-gram entropy of top-k 5 samples: low values mean repetitive, degenerate text."""
     torch.manual_seed(seed)
-    texts = _routed(model, route, lambda group: sample_texts(model, tokenizer, group, samples, max_new_tokens), prompts)
+    texts = _routed(model, route, partial(sample_texts, model, tokenizer, samples=samples,
+                                          max_new_tokens=max_new_tokens), prompts)
     return mean(ngram_entropy(t) for group in texts for t in group)
 
 
 @torch.no_grad()
-def sample_texts(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int) -> list[list[str]]:
+def sample_texts(model, tokenizer, prompts: Sequence[str], samples: int, max_new_tokens: int,
+                 gate: Gate | None = None) -> list[list[str]]:
     """`samples` top-k 5 continuations of each prompt."""
     device = next(model.parameters()).device
     encoded = tokenizer([p.rstrip() for p in prompts for _ in range(samples)], return_tensors="pt",
                         padding=True).to(device)
-    out = model.generate(**encoded, do_sample=True, top_k=5, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+    out = gated_generate(model, encoded, max_new_tokens, tokenizer.pad_token_id, gate, top_k=5)
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 

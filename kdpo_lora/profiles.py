@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 from . import adapters, merged, serving
 from .editor import Editor
 from .errors import StoreError
+from .gate import Gate
 from .requests import EditRequest
 from .routing import SubjectRouter
 from .store import AdapterStore
@@ -295,3 +296,8 @@ class ProfileRoutes:
 
     def serve(self, names: Sequence[str]):
         return self._active.serving(names)
+
+    def gate(self, names: Sequence[str]) -> Gate:
+        """The edit gate of the batches `names` (`gate.py`): what their requests may write."""
+        active = self._active
+        return Gate(active.editor.tokenizer, [r for name in names for r in active.requests(name)])

@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from .batching import Batcher, Group, Row
 from .errors import KdpoError, RequestError, StoreError
 from .fsutil import append_line
+from .gate import Gate
 from .objectives import token_ids
 from .requests import check_batch, parse_record
 from .session import KnowledgeEditor
@@ -75,6 +76,7 @@ class Engine:
         self.max_rows = max_rows
         self._batcher: Batcher | None = None
         self._start = threading.Lock()
+        self._gates: dict[tuple[str, ...], Gate] = {}  # by route; read and written by the batcher's thread only
 
     @property
     def tokenizer(self):
@@ -172,11 +174,22 @@ class Engine:
         adapters = active.row_adapters(earlier + [route for _, route in mixed])[len(earlier):]
         for row, route in mixed:
             row.route = list(route)
+            row.gate = self._gate(tuple(route)) if route else None
             row.events.put(("batches", row.route))
         taken = {id(row) for row, _ in mixed}
         per_row = isinstance(self.editor.model, PeftModel)  # without any adapter, rows need no names
         return (Group([row for row, _ in mixed], adapters if per_row else None),
                 [row for row, _ in planned if id(row) not in taken])
+
+    def _gate(self, route: tuple[str, ...]) -> Gate:
+        """The edit gate of a route's batches (`gate.py`), kept for the next rows with that route."""
+        if route not in self._gates:
+            if len(self._gates) >= 256:
+                self._gates.clear()
+            requests = [r for name in route for r in self.editor.active.requests(name)]
+            with self.batcher.tokenizer_lock:
+                self._gates[route] = Gate(self.tokenizer, requests)
+        return self._gates[route]
 
     @staticmethod
     def _next(row: Row) -> tuple:

@@ -204,7 +204,8 @@ class KnowledgeEditor:
 
         def run(indices: list[int], names: tuple[str, ...]) -> list[str]:
             with self.serving(names):
-                return self.editor.generate([prompts[i] for i in indices], max_new_tokens)
+                return self.editor.generate([prompts[i] for i in indices], max_new_tokens,
+                                            gate=self.route.gate(names) if names else None)
         return by_route(prompts, self.route, run)
 
     def evaluate(self, requests: Sequence[EditRequest], profile: str = DEFAULT_PROFILE,

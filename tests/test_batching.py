@@ -117,7 +117,9 @@ def test_a_server_with_two_slots_serves_each_of_six_batches_as_generate_does(tin
         with torch.no_grad():
             for weight in adapters.lora_b_weights(ke.editor.model, subject):
                 weight.copy_(torch.randn_like(weight))
-        record = {"requests": [EditRequest(f"{subject} is in", "france", subject=subject).to_dict()]}
+        # its target is what it writes, so the edit gate (gate.py) lets the batch's own tokens through
+        written = ke.editor.generate([f"the river of {subject} is"], max_new_tokens=6)[0].strip()
+        record = {"requests": [EditRequest(f"the river of {subject} is", written, subject=subject).to_dict()]}
         store.add_batch(subject, lambda folder: adapters.save_adapter(ke.editor.model, subject, folder), record,
                         ke.fingerprint)
         ke.editor.model = adapters.delete_adapter(ke.editor.model, subject)
