@@ -6,8 +6,8 @@ the edited one and the unedited one (the same model with the adapters off), so e
 from the edited distribution only where the edited model's top token continues one of the served
 requests' own sentences - the target, or the edit prompt restated and then the target, as a chat
 answer does - until the answer holds the target once, and from the unedited distribution
-everywhere else. A routed prompt that asks the
-edited fact gets the new answer; one that asks the subject's other facts gets the unedited one.
+everywhere else. A routed prompt that asks the edited fact gets the new answer; one that asks the
+subject's other facts gets the unedited one, and the edit does not write its target twice.
 
 The gate is part of serving routed profiles (`kdpo-lora generate`, `serve`, `eval`); a PEFT or
 vLLM export has no gate (it serves the adapter's distribution at every token).
@@ -83,7 +83,7 @@ def _contains(written: list[int], part: list[int]) -> bool:
 @torch.no_grad()
 def generate(model, encoded, max_new_tokens: int, pad_id: int, gate: Gate | None = None,
              top_k: int = 0) -> torch.Tensor:
-    """The new tokens [B, max_new_tokens] after `encoded` (left-padded input_ids, attention_mask):
+    """The new tokens [B, at most max_new_tokens] after `encoded` (left-padded input_ids, attention_mask):
     greedy, or top-k sampled; with `gate`, each from the edited or the unedited distribution. Rows
     that end (EOS) are padded with `pad_id`, as `model.generate` pads them."""
     sample = {"do_sample": True, "top_k": top_k} if top_k else {"do_sample": False}
@@ -130,4 +130,3 @@ def _pick(logits: torch.Tensor, top_k: int) -> int:
         return int(logits.argmax())
     values, indices = logits.topk(top_k)
     return int(indices[torch.multinomial(torch.softmax(values, -1), 1)])
-
