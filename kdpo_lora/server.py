@@ -186,9 +186,8 @@ class Engine:
         if route not in self._gates:
             if len(self._gates) >= 256:
                 self._gates.clear()
-            requests = [r for name in route for r in self.editor.active.requests(name)]
             with self.batcher.tokenizer_lock:
-                self._gates[route] = Gate(self.tokenizer, requests)
+                self._gates[route] = self.editor.route.gate(route)
         return self._gates[route]
 
     @staticmethod
