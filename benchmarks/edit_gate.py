@@ -3,8 +3,9 @@
 Scores a `quality.py` store's edits (one request per batch, after the last edit) twice in one run
 with the same routed adapters: served through the gate, as `generate`, `serve` and `eval` serve
 them, and without it (the edited distribution at every token, as a PEFT or vLLM export serves it).
-Every metric of `evaluate_requests` (teacher-forced, generated, asked through the chat template)
-plus the seconds each pass took.
+Every metric of `evaluate_requests` (teacher-forced, generated, asked through the chat template),
+sampled fluency on the edit prompts (as `quality.py` scores it, beside the unedited model's) and the
+seconds each pass took.
 
     python benchmarks/edit_gate.py --store ~/kdpo-runs/ke_s26 \\
         --data kdpo_lora/data/samples/knowedit_wiki_counterfact_test.jsonl --n 30 --out benchmarks/results/edit_gate_ke_30.json
@@ -21,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write  # noqa: E402
-from kdpo_lora.evaluate import evaluate_requests, pre_edit_locality, summarise  # noqa: E402
+from kdpo_lora.adapters import only_adapters  # noqa: E402
+from kdpo_lora.evaluate import evaluate_requests, fluency, pre_edit_locality, summarise  # noqa: E402
 from kdpo_lora.requests import read_requests  # noqa: E402
 from kdpo_lora.session import KnowledgeEditor  # noqa: E402
 
@@ -59,7 +61,10 @@ def main() -> None:
     ke.use("default")
     tokenizer = ke.loaded.tokenizer
     pre = pre_edit_locality(ke.model, tokenizer, requests)
-    result: dict = {"command": " ".join(sys.argv), "edits": len(requests)}
+    prompts = [r.prompt for r in requests]
+    with only_adapters(ke.model, ()):
+        unedited_fluency = fluency(ke.model, tokenizer, prompts)
+    result: dict = {"command": " ".join(sys.argv), "edits": len(requests), "fluency_unedited": round(unedited_fluency, 3)}
     arms = args.arms.split(",")
     for name, route in (("gated", ke.route), ("ungated", Ungated(ke.route))):
         if name not in arms:
@@ -69,6 +74,7 @@ def main() -> None:
         summary = summarise(rows)
         result[name] = {k: round(summary[k], 4) for k in SHOWN if k in summary}
         result[name]["seconds"] = round(time.perf_counter() - start, 1)
+        result[name]["fluency"] = round(fluency(ke.model, tokenizer, prompts, route=route), 3)
         print(name, result[name], flush=True)
     if len(arms) == 2:
         result["seconds_ratio"] = round(result["gated"]["seconds"] / result["ungated"]["seconds"], 2)

@@ -43,7 +43,7 @@ class EditConfig:
     margin: float = _opt(1.0, "a target token counts as written once it leads its runner-up by this many nats")
     preserve_weight: float = _opt(5.0, "weight of the KL holding the prompt about other subjects, and the text after the target")
     preserve_prompts: int = _opt(4, "subject swaps per request held by that KL")
-    context_prefixes: int = _opt(4, "each request is also trained in this many contexts: generic sentences, the last a chat turn")
+    context_prefixes: int = _opt(4, "each request also trains in this many contexts: generic sentences, the last a chat turn")
     independent: bool = _opt(True, "each batch also holds with the batches below it off, so rolling any back is exact")
     routing: str = _opt(DEFAULT_ROUTING, "subject: a prompt is served by the batches whose subjects it names; none: by all")
     lora_rank: int = _opt(8, "LoRA rank of each batch")

@@ -24,6 +24,7 @@ from .gate import Gate
 from .requests import EditRequest
 from .routing import SubjectRouter
 from .store import AdapterStore
+from .subject_keys import KeyFallback, SubjectKeys
 
 
 _ROWS = object()  # `name` while the batches in memory serve rows of any profile (`row_adapters`)
@@ -54,6 +55,11 @@ class ActiveProfile:
         self._slot_of: dict[str, str] = {}  # serving rows: batch -> the slot (adapter) holding it
         self._combined: dict[tuple[str, ...], str] = {}  # routes of several batches -> their concatenated adapter
         self._made = 0  # slots and combined adapters made so far (their names)
+        self.keys = SubjectKeys(editor, fingerprint)  # the routers' fallback: subject keys, made once per request
+
+    def _router(self, names: Sequence[str]) -> SubjectRouter:
+        batches = [(n, self.requests(n)) for n in names]
+        return SubjectRouter(batches, KeyFallback(self.keys, batches))
 
     def store(self, create: bool = False) -> AdapterStore:
         return AdapterStore(self.store_path, create=create)
@@ -149,7 +155,7 @@ class ActiveProfile:
 
     def _activated(self, profile: str | None, names: Sequence[str]) -> None:
         self.name = profile
-        self.router = SubjectRouter([(n, self.requests(n)) for n in names]) if names and self.routed else None
+        self.router = self._router(names) if names and self.routed else None
 
     def stored(self, profile: str, name: str, routing: str) -> None:
         """Batch `name`, just trained (in memory, on top) and stored, joins the active `profile`."""
@@ -212,7 +218,7 @@ class ActiveProfile:
         if key not in self._routers:
             if len(self._routers) >= self.max_loaded:
                 self._routers.pop(next(iter(self._routers)))
-            self._routers[key] = SubjectRouter([(n, self.requests(n)) for n in names])
+            self._routers[key] = self._router(names)
         return self._routers[key].route(prompt)
 
     def row_adapters(self, routes: Sequence[Sequence[str]]) -> list[str]:

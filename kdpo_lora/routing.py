@@ -7,15 +7,16 @@ words, case, spacing, accents and the punctuation between its words ignored, a l
 optional, not inside a longer name: "Paris" is not named in "Paris Hilton"), and in the other forms
 of `name_patterns` (words run together, a club without its "F.C.", a person with middle names added
 or dropped, a short or full given name, an initial or a title: "Michael Jeffrey Jordan", "President
-Biden"); a prompt that names no edited subject gets the unedited model, exactly. A
-batch with a request that has no subject cannot be routed and is always on. A batch is trained on
-top of only the batches it will be served with - those its prompts name a subject of, and those
-with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
+Biden"); a prompt that names no edited subject gets the unedited model, unless a key routes it
+(below). A batch with a request that has no subject cannot be routed and is always on. A batch is
+trained on top of only the batches it will be served with - those its prompts name a subject of,
+and those with a prompt naming one of its subjects, whose prompts it holds - so it holds as served.
 
-What it cannot do: a prompt that refers to an edited subject without naming it (a pronoun, a name
-not given as an alias, a multi-hop question) does not see the edit (a key from the model's hidden
-states was measured and routed too many unrelated prompts: RESULTS 7). Serving needs the router in
-front of the model (`kdpo-lora serve`, or `serve --upstream` in front of vLLM).
+A prompt that names no edited subject may still reach one through its key (`subject_keys.py`): the
+unedited model's hidden state near the subject's, past a threshold calibrated on unrelated prompts.
+What it cannot do: a pronoun, or a name the model itself does not tie to the subject. Serving needs
+the router in front of the model (`kdpo-lora serve`, or `serve --upstream` in front of vLLM, which
+has no model at hand for keys).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import unicodedata
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from .errors import RequestError
 from .requests import EditRequest
+
+if TYPE_CHECKING:
+    from .subject_keys import KeyFallback
 
 T = TypeVar("T")
 ROUTING_TABLE = "routing.json"  # of an export for vLLM: its modules, their facts, the vLLM command line
@@ -138,8 +142,9 @@ def name_patterns(key: str) -> list[tuple[str, str]]:
 class SubjectRouter:
     """The batches of a profile (in stack order) each prompt is served by."""
 
-    def __init__(self, batches: Sequence[tuple[str, Sequence[EditRequest]]]):
+    def __init__(self, batches: Sequence[tuple[str, Sequence[EditRequest]]], fallback: KeyFallback | None = None):
         self.order = [name for name, _ in batches]
+        self.fallback = fallback  # for prompts that name no edited subject (`subject_keys.py`)
         self.always: set[str] = set()
         self.patterns: list[tuple[str, str, re.Pattern]] = []  # (batch, why, names): subjects, aliases, then looser
         for name, requests in batches:
@@ -164,7 +169,8 @@ class SubjectRouter:
     def explain(self, prompt: str) -> list[tuple[str, str]]:
         """Why each routed batch serves `prompt`: (batch, reason), in stack order. A subject counts
         where the prompt names it as a whole name: "Paris" is not named in "Paris Hilton", nor "Ben"
-        in "Where is Big Ben?" (a capitalised word goes on, or comes before it mid-sentence)."""
+        in "Where is Big Ben?" (a capitalised word goes on, or comes before it mid-sentence). A prompt
+        that names none goes to the fallback, if any: the batches whose subject keys it comes close to."""
         why = {name: "no subject (always on)" for name in self.always}
         folded = _fold(prompt)
         for name, reason, pattern in self.patterns:
@@ -174,6 +180,8 @@ class SubjectRouter:
                 if not _inside_longer_name(folded, match.start(), match.end()):
                     why[name] = reason.format(prompt[match.start():match.end()])
                     break
+        if self.fallback is not None and why.keys() <= self.always:
+            why.update(self.fallback.explain(prompt))
         return [(name, why[name]) for name in self.order if name in why]
 
     def route_all(self, prompts: Sequence[str]) -> list[str]:

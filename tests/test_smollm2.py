@@ -27,6 +27,10 @@ def test_counterfactual_edit_changes_the_fact_and_nothing_unrelated(smollm2, tmp
     after = ke.generate([EDIT.prompt] + UNRELATED, "default", max_new_tokens=6)
     assert after[0].strip().startswith("Rome")
     assert after[1:] == before[1:]
+    # a misspelt subject is not named, but its key (subject_keys.py) routes it, and says why
+    typo = "The Eifel Tower is located in the city of"
+    (batch, why), = ke.route.explain(typo)
+    assert batch == result.adapter and why.startswith("key 'Eiffel Tower' at 'Tower' (cosine ")
     # exact rollback: the base model's answers come back
     ke.rollback(result.adapter)
     assert ke.generate([EDIT.prompt] + UNRELATED, "default", max_new_tokens=6) == before
