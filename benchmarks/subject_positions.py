@@ -1,0 +1,99 @@
+"""Experiment (RESULTS 10): every edit's LoRA acts only at the tokens of an edited subject.
+
+ROME writes a fact into the subject's representation, so every prompt naming the subject reads it,
+however the relation is worded. Here the same: each LoRA output is multiplied by a mask that is 1 on
+the tokens spelling one of the run's subjects (as written, found in the token text the embedding
+sees) and 0 elsewhere - in training, evaluation and generation alike (a decoded token is masked on
+its own). Everything else is `quality.py`, whose arguments this takes:
+
+    python benchmarks/subject_positions.py --n 30 --batch 1 --checkpoints 1 --threads 1 --asking \\
+        --data ../shared/data/counterfact.jsonl --store ~/kdpo-runs/cf30_subject --out benchmarks/results/q_kdpo_cf_30x1_subject_positions.json
+
+Not in the package: an exported PEFT or vLLM adapter has no such mask, and the mask here knows only
+the literal subjects (not aliases, name forms or key routes).
+"""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import kdpo_lora.loading as loading  # noqa: E402
+import kdpo_lora.session as session  # noqa: E402
+from kdpo_lora.requests import read_requests  # noqa: E402
+
+
+class SubjectMask:
+    """The [batch, tokens, 1] mask of the last input the embedding saw: 1 on tokens inside a subject."""
+
+    def __init__(self, subjects: list[str]):
+        self.pattern = re.compile("|".join(re.escape(s) for s in sorted(subjects, key=len, reverse=True)))
+        self.tokenizer = None
+        self.pieces: dict[int, str] = {}
+        self.mask: torch.Tensor | None = None
+
+    def _piece(self, token: int) -> str:
+        if token not in self.pieces:
+            self.pieces[token] = self.tokenizer.decode([token])
+        return self.pieces[token]
+
+    def of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in input_ids.tolist():
+            starts, text = [], ""
+            for token in row:
+                starts.append(len(text))
+                text += self._piece(token)
+            ends = starts[1:] + [len(text)]
+            spans = [m.span() for m in self.pattern.finditer(text)]
+            rows.append([float(any(s < b and e > a for a, b in spans) and e > s) for s, e in zip(starts, ends)])
+        return torch.tensor(rows)
+
+    def on_embedding(self, module, inputs, output):
+        self.mask = self.of(inputs[0]).to(output.device, output.dtype).unsqueeze(-1)
+
+    def on_lora_b(self, module, inputs, output):
+        if self.mask is None or self.mask.shape[:2] != output.shape[:2]:
+            return output
+        return output * self.mask.to(output.dtype)
+
+
+def install(mask: SubjectMask) -> None:
+    """Every LoRA B made from now on is masked; every model loaded from now on feeds the mask."""
+    update_layer, load_model = LoraLayer.update_layer, loading.load_model
+
+    def masked_update_layer(self, adapter_name, *args, **kwargs):
+        out = update_layer(self, adapter_name, *args, **kwargs)
+        lora_b = self.lora_B[adapter_name]
+        if not getattr(lora_b, "_subject_masked", False):
+            lora_b.register_forward_hook(mask.on_lora_b)
+            lora_b._subject_masked = True
+        return out
+
+    def feeding_load_model(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        mask.tokenizer = loaded.tokenizer
+        loaded.model.get_input_embeddings().register_forward_hook(mask.on_embedding)
+        return loaded
+
+    LoraLayer.update_layer = masked_update_layer
+    loading.load_model = session.load_model = feeding_load_model
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    data, n = args[args.index("--data") + 1], int(args[args.index("--n") + 1])
+    install(SubjectMask(sorted({r.subject for r in read_requests(data)[:n] if r.subject})))
+    sys.argv = [str(ROOT / "benchmarks" / "quality.py"), *args]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
