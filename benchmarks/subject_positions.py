@@ -2,20 +2,19 @@
 
 ROME writes a fact into the subject's representation, so every prompt naming the subject reads it,
 however the relation is worded. Here the same: each LoRA output is multiplied by a mask that is 1 on
-the tokens spelling one of the run's subjects (as written, found in the token text the embedding
-sees) and 0 elsewhere - in training, evaluation and generation alike (a decoded token is masked on
-its own). Everything else is `quality.py`, whose arguments this takes:
+the tokens where the router names one of the run's subjects (as written, an alias or a name form,
+found in the token text the embedding sees) and 0 elsewhere - in training, evaluation and
+generation alike (a decoded token is masked on its own). Everything else is `quality.py`, whose arguments this takes:
 
     python benchmarks/subject_positions.py --n 30 --batch 1 --checkpoints 1 --threads 1 --asking \\
         --data ../shared/data/counterfact.jsonl --store ~/kdpo-runs/cf30_subject --out benchmarks/results/q_kdpo_cf_30x1_subject_positions.json
 
-Not in the package: an exported PEFT or vLLM adapter has no such mask, and the mask here knows only
-the literal subjects (not aliases, name forms or key routes).
+Not in the package: an exported PEFT or vLLM adapter has no such mask, and a prompt routed by a key
+(`subject_keys.py`) gets no edit here.
 """
 
 from __future__ import annotations
 
-import re
 import runpy
 import sys
 from pathlib import Path
@@ -27,16 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import kdpo_lora.loading as loading  # noqa: E402
 import kdpo_lora.session as session  # noqa: E402
-from kdpo_lora.requests import read_requests  # noqa: E402
+from kdpo_lora.requests import EditRequest, read_requests  # noqa: E402
+from kdpo_lora.routing import SubjectRouter, _fold, _inside_longer_name  # noqa: E402
 
 
 class SubjectMask:
-    """The [batch, tokens, 1] mask of the last input the embedding saw: 1 on tokens inside a subject."""
+    """The [batch, tokens, 1] mask of the last input the embedding saw: 1 on the tokens of any span
+    the router matches for one of the run's requests (subject, alias or name form; not key routes)."""
 
-    def __init__(self, subjects: list[str]):
-        self.pattern = re.compile("|".join(re.escape(s) for s in sorted(subjects, key=len, reverse=True)))
+    def __init__(self, requests: list[EditRequest]):
+        self.patterns = [p for _, _, p in SubjectRouter([(str(i), [r]) for i, r in enumerate(requests)]).patterns]
         self.tokenizer = None
         self.pieces: dict[int, str] = {}
+        self.rows: dict[tuple[int, ...], list[float]] = {}  # training repeats its rows at every step
         self.mask: torch.Tensor | None = None
 
     def _piece(self, token: int) -> str:
@@ -44,17 +46,21 @@ class SubjectMask:
             self.pieces[token] = self.tokenizer.decode([token])
         return self.pieces[token]
 
-    def of(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for row in input_ids.tolist():
+    def _row(self, row: tuple[int, ...]) -> list[float]:
+        if row not in self.rows:
             starts, text = [], ""
             for token in row:
                 starts.append(len(text))
                 text += self._piece(token)
             ends = starts[1:] + [len(text)]
-            spans = [m.span() for m in self.pattern.finditer(text)]
-            rows.append([float(any(s < b and e > a for a, b in spans) and e > s) for s, e in zip(starts, ends)])
-        return torch.tensor(rows)
+            folded = _fold(text)
+            spans = [m.span() for p in self.patterns for m in p.finditer(folded)
+                     if not _inside_longer_name(folded, *m.span())]
+            self.rows[row] = [float(e > s and any(s < b and e > a for a, b in spans)) for s, e in zip(starts, ends)]
+        return self.rows[row]
+
+    def of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self._row(tuple(row)) for row in input_ids.tolist()])
 
     def on_embedding(self, module, inputs, output):
         self.mask = self.of(inputs[0]).to(output.device, output.dtype).unsqueeze(-1)
@@ -90,7 +96,7 @@ def install(mask: SubjectMask) -> None:
 def main() -> None:
     args = sys.argv[1:]
     data, n = args[args.index("--data") + 1], int(args[args.index("--n") + 1])
-    install(SubjectMask(sorted({r.subject for r in read_requests(data)[:n] if r.subject})))
+    install(SubjectMask(read_requests(data)[:n]))
     sys.argv = [str(ROOT / "benchmarks" / "quality.py"), *args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
