@@ -4,17 +4,22 @@ ROME writes a fact into the subject's representation, so every prompt naming the
 however the relation is worded. Here the same: each LoRA output is multiplied by a mask that is 1 on
 the tokens where the router names one of the run's subjects (as written, an alias or a name form,
 found in the token text the embedding sees) and 0 elsewhere - in training, evaluation and
-generation alike (a decoded token is masked on its own). Everything else is `quality.py`, whose arguments this takes:
+generation alike (a decoded token is masked on its own). In evaluation a prompt that names none of
+them (routed by a key, `subject_keys.py`) gets the LoRA at every token. `--hold-other-relations K`
+also holds, in training, K of the question table's other relations about the request's own subject
+at the unedited answers (the KL that holds the subject swaps): written into the subject, a fact
+would otherwise reach the subject's other relations. Everything else is `quality.py` (or, with
+`--script edit_gate.py`, that script on a stored run), whose arguments this takes:
 
     python benchmarks/subject_positions.py --n 30 --batch 1 --checkpoints 1 --threads 1 --asking \\
         --data ../shared/data/counterfact.jsonl --store ~/kdpo-runs/cf30_subject --out benchmarks/results/q_kdpo_cf_30x1_subject_positions.json
 
-Not in the package: an exported PEFT or vLLM adapter has no such mask, and a prompt routed by a key
-(`subject_keys.py`) gets no edit here.
+Not in the package: an exported PEFT or vLLM adapter has no such mask.
 """
 
 from __future__ import annotations
 
+import random
 import runpy
 import sys
 from pathlib import Path
@@ -24,8 +29,11 @@ from peft.tuners.lora.layer import LoraLayer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import kdpo_lora.editor as editor  # noqa: E402
+import kdpo_lora.evaluate as evaluate  # noqa: E402
 import kdpo_lora.loading as loading  # noqa: E402
 import kdpo_lora.session as session  # noqa: E402
+from kdpo_lora.questions import _BY_QUESTION, QUESTIONS, template_of  # noqa: E402
 from kdpo_lora.requests import EditRequest, read_requests  # noqa: E402
 from kdpo_lora.routing import SubjectRouter, _fold, _inside_longer_name  # noqa: E402
 
@@ -40,6 +48,7 @@ class SubjectMask:
         self.pieces: dict[int, str] = {}
         self.rows: dict[tuple[int, ...], list[float]] = {}  # training repeats its rows at every step
         self.mask: torch.Tensor | None = None
+        self.evaluating = False  # a row naming no subject gets every token (a key route), not none
 
     def _piece(self, token: int) -> str:
         if token not in self.pieces:
@@ -60,7 +69,10 @@ class SubjectMask:
         return self.rows[row]
 
     def of(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self._row(tuple(row)) for row in input_ids.tolist()])
+        rows = [self._row(tuple(row)) for row in input_ids.tolist()]
+        if self.evaluating:
+            rows = [row if any(row) else [1.0] * len(row) for row in rows]
+        return torch.tensor(rows)
 
     def on_embedding(self, module, inputs, output):
         self.mask = self.of(inputs[0]).to(output.device, output.dtype).unsqueeze(-1)
@@ -93,11 +105,55 @@ def install(mask: SubjectMask) -> None:
     loading.load_model = session.load_model = feeding_load_model
 
 
+def evaluating(mask: SubjectMask) -> None:
+    """The evaluation functions set `mask.evaluating` while they run."""
+    for name in ("evaluate_requests", "fluency"):
+        def wrapped(*args, _function=getattr(evaluate, name), **kwargs):
+            mask.evaluating = True
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                mask.evaluating = False
+        setattr(evaluate, name, wrapped)
+
+
+def hold_other_relations(count: int) -> None:
+    """The held prompts also state `count` other relations of each request's subject (one template of
+    each of `count` other questions of the table, chosen per request)."""
+    subject_swaps = editor.preservation_prompts
+
+    def with_other_relations(requests, swaps, seed):
+        prompts = subject_swaps(requests, swaps, seed)
+        for i, r in enumerate(requests):
+            if not r.subject or r.subject not in r.prompt:
+                continue
+            own = QUESTIONS.get(template_of(r.prompt, r.subject) or "")
+            others = [templates[0] for q, templates in _BY_QUESTION.items() if q != own]
+            rng = random.Random(seed * 1_000_003 + i + 1)
+            prompts += [t.format(r.subject) for t in rng.sample(others, count)]
+        return prompts
+
+    editor.preservation_prompts = with_other_relations
+
+
 def main() -> None:
     args = sys.argv[1:]
+    script, hold = "quality.py", 0
+    if "--script" in args:
+        at = args.index("--script")
+        script = args.pop(at + 1)
+        args.pop(at)
+    if "--hold-other-relations" in args:
+        at = args.index("--hold-other-relations")
+        hold = int(args.pop(at + 1))
+        args.pop(at)
     data, n = args[args.index("--data") + 1], int(args[args.index("--n") + 1])
-    install(SubjectMask(read_requests(data)[:n]))
-    sys.argv = [str(ROOT / "benchmarks" / "quality.py"), *args]
+    mask = SubjectMask(read_requests(data)[:n])
+    install(mask)
+    evaluating(mask)
+    if hold:
+        hold_other_relations(hold)
+    sys.argv = [str(ROOT / "benchmarks" / script), *args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 
