@@ -6,7 +6,7 @@ the tokens where the router names one of the run's subjects (as written, an alia
 found in the token text the embedding sees) and 0 elsewhere - in training, evaluation and
 generation alike (a decoded token is masked on its own). In evaluation a prompt that names none of
 them (routed by a key, `subject_keys.py`) gets the LoRA at every token. `--hold-other-relations K`
-also holds, in training, K of the question table's other relations about the request's own subject
+also holds, in training, K of the question table's relations of other families about the request's own subject
 at the unedited answers (the KL that holds the subject swaps): written into the subject, a fact
 would otherwise reach the subject's other relations. Everything else is `quality.py` (or, with
 `--script edit_gate.py`, that script on a stored run), whose arguments this takes:
@@ -20,6 +20,7 @@ Not in the package: an exported PEFT or vLLM adapter has no such mask.
 from __future__ import annotations
 
 import random
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -117,9 +118,17 @@ def evaluating(mask: SubjectMask) -> None:
         setattr(evaluate, name, wrapped)
 
 
+FAMILIES = ("language|tongue|speak|write in", "located|continent|country is|headquartered|come from|capital|twin city",
+            " play", r"\bwork\b|occupation|employ", "born|birth|die|death", "makes|owns")  # questions whose answers move together
+
+
+def family(question: str | None) -> str | None:
+    return next((f for f in FAMILIES if question and re.search(f, question)), question)
+
+
 def hold_other_relations(count: int) -> None:
     """The held prompts also state `count` other relations of each request's subject (one template of
-    each of `count` other questions of the table, chosen per request)."""
+    each of `count` questions of the table outside the request's own family, chosen per request)."""
     subject_swaps = editor.preservation_prompts
 
     def with_other_relations(requests, swaps, seed):
@@ -127,8 +136,8 @@ def hold_other_relations(count: int) -> None:
         for i, r in enumerate(requests):
             if not r.subject or r.subject not in r.prompt:
                 continue
-            own = QUESTIONS.get(template_of(r.prompt, r.subject) or "")
-            others = [templates[0] for q, templates in _BY_QUESTION.items() if q != own]
+            own = family(QUESTIONS.get(template_of(r.prompt, r.subject) or "") or r.prompt)
+            others = [templates[0] for q, templates in _BY_QUESTION.items() if family(q) != own]
             rng = random.Random(seed * 1_000_003 + i + 1)
             prompts += [t.format(r.subject) for t in rng.sample(others, count)]
         return prompts
