@@ -8,8 +8,8 @@ generation alike (a decoded token is masked on its own). In evaluation a prompt 
 them (routed by a key, `subject_keys.py`) gets the LoRA at every token. `--hold-other-relations K`
 also holds, in training, K of the question table's relations of other families about the request's own subject
 at the unedited answers (the KL that holds the subject swaps): written into the subject, a fact
-would otherwise reach the subject's other relations. Everything else is `quality.py` (or, with
-`--script edit_gate.py`, that script on a stored run), whose arguments this takes:
+would otherwise reach the subject's other relations. Everything else is `quality.py`, whose
+arguments this takes:
 
     python benchmarks/subject_positions.py --n 30 --batch 1 --checkpoints 1 --threads 1 --asking \\
         --data ../shared/data/counterfact.jsonl --store ~/kdpo-runs/cf30_subject --out benchmarks/results/q_kdpo_cf_30x1_subject_positions.json
@@ -147,11 +147,7 @@ def hold_other_relations(count: int) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    script, hold = "quality.py", 0
-    if "--script" in args:
-        at = args.index("--script")
-        script = args.pop(at + 1)
-        args.pop(at)
+    hold = 0
     if "--hold-other-relations" in args:
         at = args.index("--hold-other-relations")
         hold = int(args.pop(at + 1))
@@ -162,7 +158,7 @@ def main() -> None:
     evaluating(mask)
     if hold:
         hold_other_relations(hold)
-    sys.argv = [str(ROOT / "benchmarks" / script), *args]
+    sys.argv = [str(ROOT / "benchmarks" / "quality.py"), *args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 
