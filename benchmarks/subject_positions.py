@@ -8,7 +8,9 @@ generation alike (a decoded token is masked on its own). In evaluation a prompt 
 them (routed by a key, `subject_keys.py`) gets the LoRA at every token. `--hold-other-relations K`
 also holds, in training, K of the question table's relations of other families about the request's own subject
 at the unedited answers (the KL that holds the subject swaps): written into the subject, a fact
-would otherwise reach the subject's other relations. Everything else is `quality.py`, whose
+would otherwise reach the subject's other relations. `--elsewhere S` sets the mask to S instead of 0
+off the subject's tokens (a mixed adapter: mostly at the subject, a share everywhere, so prompts
+naming the subject otherwise and exports keep some of the edit). Everything else is `quality.py`, whose
 arguments this takes:
 
     python benchmarks/subject_positions.py --n 30 --batch 1 --checkpoints 1 --threads 1 --asking \\
@@ -43,7 +45,8 @@ class SubjectMask:
     """The [batch, tokens, 1] mask of the last input the embedding saw: 1 on the tokens of any span
     the router matches for one of the run's requests (subject, alias or name form; not key routes)."""
 
-    def __init__(self, requests: list[EditRequest]):
+    def __init__(self, requests: list[EditRequest], elsewhere: float = 0.0):
+        self.elsewhere = elsewhere  # the mask's value off the subject's tokens (0: subject only)
         self.patterns = [p for _, _, p in SubjectRouter([(str(i), [r]) for i, r in enumerate(requests)]).patterns]
         self.tokenizer = None
         self.pieces: dict[int, str] = {}
@@ -66,13 +69,14 @@ class SubjectMask:
             folded = _fold(text)
             spans = [m.span() for p in self.patterns for m in p.finditer(folded)
                      if not _inside_longer_name(folded, *m.span())]
-            self.rows[row] = [float(e > s and any(s < b and e > a for a, b in spans)) for s, e in zip(starts, ends)]
+            self.rows[row] = [1.0 if e > s and any(s < b and e > a for a, b in spans) else self.elsewhere
+                              for s, e in zip(starts, ends)]
         return self.rows[row]
 
     def of(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = [self._row(tuple(row)) for row in input_ids.tolist()]
         if self.evaluating:
-            rows = [row if any(row) else [1.0] * len(row) for row in rows]
+            rows = [row if 1.0 in row else [1.0] * len(row) for row in rows]
         return torch.tensor(rows)
 
     def on_embedding(self, module, inputs, output):
@@ -147,13 +151,15 @@ def hold_other_relations(count: int) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    hold = 0
-    if "--hold-other-relations" in args:
-        at = args.index("--hold-other-relations")
-        hold = int(args.pop(at + 1))
-        args.pop(at)
+    options = {"--hold-other-relations": 0.0, "--elsewhere": 0.0}
+    for option in options:
+        if option in args:
+            at = args.index(option)
+            options[option] = float(args.pop(at + 1))
+            args.pop(at)
+    hold, elsewhere = int(options["--hold-other-relations"]), options["--elsewhere"]
     data, n = args[args.index("--data") + 1], int(args[args.index("--n") + 1])
-    mask = SubjectMask(read_requests(data)[:n])
+    mask = SubjectMask(read_requests(data)[:n], elsewhere)
     install(mask)
     evaluating(mask)
     if hold:
