@@ -107,6 +107,16 @@ def template_of(prompt: str, subject: str) -> str | None:
     return prompt.replace(subject, "{}", 1) if subject and subject in prompt else None
 
 
+def other_wordings(prompt: str, subject: str) -> list[str]:
+    """The prompt's fact in the table's other wordings of its question, filled with the subject
+    ("The mother tongue of X is" -> "The native language of X is", "X, a native", ...); none for a
+    prompt whose template the table lacks."""
+    template = template_of(prompt, subject)
+    if template not in QUESTIONS:
+        return []
+    return [t.format(subject) for t in _BY_QUESTION[QUESTIONS[template]] if t != template]
+
+
 def question(prompt: str, subject: str) -> str:
     """The question a person would ask for the fact `prompt` starts to state."""
     template = template_of(prompt, subject)

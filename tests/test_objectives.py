@@ -526,3 +526,19 @@ def test_an_edit_goes_on_after_its_new_target_as_the_model_did(tiny_model, token
 
     held, free = drift(True), drift(False)
     assert held < 0.1 * free, (held, free)  # measured: 0.003 against 0.55
+
+
+def test_context_rounds_state_the_fact_in_the_tables_other_wordings():
+    """A prompt whose template the question table knows is trained in its other wordings of the same
+    question, one per round and each naming the subject; a prompt the table lacks keeps its own."""
+    from kdpo_lora.questions import question
+    from kdpo_lora.regularisers import with_context
+
+    known = EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
+    unknown = EditRequest("Danielle Darrieux was married to", "Bob", subject="Danielle Darrieux")
+    rows = with_context([known, unknown], 3, seed=0)
+    worded = [p[p.rindex(". ") + 2:] for p, _ in rows[2::2]]  # what follows the generic sentence
+    assert len(set(worded)) == 3 and known.prompt not in worded
+    assert all(question(w, "Danielle Darrieux") == question(known.prompt, "Danielle Darrieux") for w in worded)
+    assert all(p.endswith(" " + unknown.prompt) for p, _ in rows[3::2])
+    assert [t for _, t in rows] == ["English", "Bob"] * 4
