@@ -5,21 +5,24 @@ from __future__ import annotations
 import pytest
 
 from kdpo_lora.asking import asking_metrics, names, repeats, right
-from kdpo_lora.questions import GENERIC, QUESTIONS, question, template_of
+from kdpo_lora.questions import _BY_QUESTION, GENERIC, QUESTIONS, question, template_of
 from kdpo_lora.requests import EditRequest, read_requests
 from tests.test_readme import ROOT
 
 SAMPLES = ROOT / "kdpo_lora" / "data" / "samples"
 
 
-def test_every_counterfact_template_of_the_samples_has_a_question():
-    requests = read_requests(str(SAMPLES / "counterfact.jsonl"))
+@pytest.mark.parametrize("sample", ["counterfact.jsonl", "knowedit_wiki_counterfact_test.jsonl",
+                                    "knowedit_wiki_recent_train.jsonl"])
+def test_every_template_of_the_samples_has_a_question(sample):
+    requests = read_requests(str(SAMPLES / sample))
     templates = {template_of(r.prompt, r.subject) for r in requests}
     assert templates and templates <= set(QUESTIONS), templates - set(QUESTIONS)
     for r in requests:
         asked = question(r.prompt, r.subject)
         assert asked.endswith("?") and r.subject in asked and asked != r.prompt
-    assert len(QUESTIONS) == 218  # every template of the public counterfact.jsonl (RESULTS 7)
+    # no wording is listed under two questions (the later one would silently win)
+    assert len(QUESTIONS) == sum(len(wordings) for wordings in _BY_QUESTION.values())
     assert question("Danielle Darrieux's mother tongue is", "Danielle Darrieux") == GENERIC.format(
         "Danielle Darrieux's mother tongue is")  # a shape it does not know: asked to complete it
     assert question("The mother tongue of Danielle Darrieux is", "Danielle Darrieux") == \
