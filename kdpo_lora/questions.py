@@ -5,12 +5,15 @@ but people ask questions, through the chat template ("What is the mother tongue 
 Darrieux?"). `question(prompt, subject)` turns the one into the other: every prompt template of
 CounterFact (the prompt with its subject taken out: 218 in the public file, several per relation)
 and of KnowEdit's WikiData sets ("The name of the spouse of {} is": 40) has its question here, next
-to a few plain wordings of those relations; a prompt of another shape gets a generic instruction to
-complete it. Some templates do not name their relation ("{}, the" is an instrument or a playing
-position); their questions are worded to fit each relation they are used for.
+to a few plain wordings of those relations; a prompt that already is a question (zsRE's) is asked
+as written, its relation found by its words (`_ASKED_BY`); a prompt of another shape gets a generic
+instruction to complete it. Some templates do not name their relation ("{}, the" is an instrument
+or a playing position); their questions are worded to fit each relation they are used for.
 """
 
 from __future__ import annotations
+
+import re
 
 _BY_QUESTION: dict[str, tuple[str, ...]] = {
     "What is an official language of {}?": ("In {}, an official language is",),
@@ -152,7 +155,140 @@ _BY_QUESTION: dict[str, tuple[str, ...]] = {
     "How many children does {} have?": ("The number of children {} has is", "The number of children of {} is"),
     "What is the currency of {}?": ("The name of the currency in {} is", "The currency of {} is", "{}'s currency is"),
     "Who designed {}?": ("The name of the architect of {} is", "The architect of {} is", "{} was designed by"),
+    # relations that zsRE asks and the tables above lack (zsRE's prompts are questions: `_ASKED_BY`)
+    "Which constellation is {} part of?": ("{} is part of the constellation", "{} is in the constellation of",
+                                          "The constellation of {} is"),
+    "Which family does {} belong to?": ("{} belongs to the family", "{} is a member of the family",
+                                        "The family of {} is"),
+    "When did {} die?": ("{} died on", "The date of death of {} is", "{}'s date of death is"),
+    "What did {} die of?": ("{} died of", "The cause of death of {} was", "{}'s cause of death was"),
+    "Which war did {} fight in?": ("{} fought in", "{} took part in", "{} served in"),
+    "What voice type does {} have?": ("The voice type of {} is", "{}'s voice type is", "{} sings as a"),
+    "When did {} enter service?": ("{} entered service in", "{} was put into service in", "{} came into service in"),
+    "When was {} launched?": ("{} was launched on", "The launch date of {} is", "{} launched on"),
+    "When was {} founded?": ("{} was established in", "The inception of {} was in", "{} was first set up in"),
+    "When was {} released?": ("The release date of {} is", "{} came out in", "{} was first published in"),
+    "Who discovered {}?": ("{} was discovered by", "The discoverer of {} is", "{}'s discoverer is"),
+    "Which fictional universe is {} from?": ("{} is from the fictional universe of",
+                                            "{} appears in the fictional universe of", "The fictional universe of {} is"),
+    "Which industry is {} in?": ("{} works in the industry of", "The industry of {} is",
+                                 "{} is active in the industry of"),
+    "What is the conservation status of {}?": ("The conservation status of {} is", "{} is listed as",
+                                               "{}'s conservation status is"),
+    "In which species is {} found?": ("{} is found in the species", "{} is a gene of", "{} occurs in the species"),
+    "Into which body of water does {} flow?": ("{} flows into", "The mouth of {} is in", "{} empties into"),
+    "Which series is {} part of?": ("{} is part of the series", "{} belongs to the series", "The series of {} is"),
+    "Who published {}?": ("{} was published by", "The publisher of {} is", "{} is published by"),
+    "What was {} nominated for?": ("{} was nominated for", "{} received a nomination for",
+                                   "{}'s nomination was for"),
+    "Which political party does {} belong to?": ("{} is a member of the political party", "{} belongs to the party",
+                                                 "The political party of {} is"),
+    "Which programming language is {} written in?": ("{} is written in the programming language",
+                                                     "The programming language of {} is", "{} was programmed in"),
+    "When was {} discovered?": ("{} was discovered in", "The discovery of {} was in", "{} was first described in"),
+    "When did {} end?": ("{} ended in", "{} was dissolved in", "{} ceased to exist in"),
+    "When did {} take place?": ("{} took place in", "{} happened in", "The date of {} is"),
+    "What medical condition does {} have?": ("{} suffers from", "{} was diagnosed with",
+                                             "The medical condition of {} is"),
+    "Which chromosome is {} on?": ("{} is located on chromosome", "{} is on chromosome", "The chromosome of {} is"),
+    "Which mountain range is {} part of?": ("{} is part of the mountain range", "{} lies in the range of",
+                                            "The mountain range of {} is"),
+    "Who performed {}?": ("{} was performed by", "{} was recorded by", "The performer of {} is"),
+    "Who illustrated {}?": ("{} was illustrated by", "The illustrator of {} is", "{}'s illustrator is"),
+    "Which airport is {} associated with?": ("The airport of {} is", "{} is served by the airport", "{}'s airport is"),
+    "On which planet is {}?": ("{} is on the planet", "{} is located on", "{} can be found on the planet"),
+    "Which work does {} appear in?": ("{} appears in", "{} is a character in", "{} first appeared in"),
+    "What is the license of {}?": ("{} is released under the license", "The license of {} is", "{} is licensed under"),
+    "What is {} made of?": ("{} is made of", "{} is made from", "The material of {} is"),
+    "What is {} based on?": ("{} is based on", "{} was based on", "The basis of {} is"),
+    "What does {} cross?": ("{} crosses", "{} spans", "{} goes over"),
 }
+# A question prompt (zsRE's "Who fathered {}?") is matched to its relation by its words, not its exact
+# template: zsRE words each relation dozens of ways and mostly once. The first pattern that matches
+# the question (lowercased, subject taken out) names the table's question; order matters ("when ...
+# die" before "die").
+_WHEN = r"(when|\byear|date|what day|which day)"
+_ASKED_BY: tuple[tuple[str, str], ...] = (
+    (r"programming language", "Which programming language is {} written in?"),
+    (r"employ|work(ed|s)? for|place of work|work ?place", "Who does {} work for?"),
+    (r"\bmother\b|\bmom\b|(gave|give|given) birth|(lady|woman|girl|wife).*\bborn\b|born (to|for|by)\b",
+     "Who is the mother of {}?"),
+    (r"\bfather|\bdad\b", "Who is the father of {}?"),
+    (r"\bsister|\bbrother|sibling", "Who is a sibling of {}?"),
+    (r"spouse|married|\bwife\b|\bhusband\b", "Who is the spouse of {}?"),
+    (r"constellation", "Which constellation is {} part of?"),
+    (r"\bfamily\b|parent taxon", "Which family does {} belong to?"),
+    (r"(cause|illness|disease|condition|reason|accident|suicide|how).*(death|\bdie)|\bkill"
+     r"|(death|\bdie).*(cause|illness|disease|condition|reason|accident|suicide)|die[ds]? (of|from)",
+     "What did {} die of?"),
+    (r"(where|city|town|place|location|country).*(death|\bdie)|(death|\bdie).*(where|city|town|place|location)",
+     "Where did {} die?"),
+    (_WHEN + r".*(death|\bdie)|(death|\bdie).*" + _WHEN, "When did {} die?"),
+    (r"death|\bdie", "Where did {} die?"),
+    (_WHEN + r".*(birth|born)|(birth|born).*" + _WHEN, "When was {} born?"),
+    (r"birth|born", "Where was {} born?"),
+    (r"\blabel\b|record company", "Which record label is {} signed to?"),
+    (r"\bwars?\b|battle|conflict|\bfight", "Which war did {} fight in?"),
+    (r"voice|vocal", "What voice type does {} have?"),
+    (r"illness|disease|medical condition|suffer", "What medical condition does {} have?"),
+    (r"chromosome", "Which chromosome is {} on?"),
+    (r"\bsex\b|gender|male or female", "What is the gender of {}?"),
+    (r"instrument", "What instrument does {} play?"),
+    (r"programming|operating system", "Which programming language is {} written in?"),
+    (r"dissol|ceased|\bend(ed|ing|s)?\b|final year|expire|abolish", "When did {} end?"),
+    (r"service|come into use|came into use|commissioned|introduced", "When did {} enter service?"),
+    (_WHEN + r".*discover|discover.*" + _WHEN, "When was {} discovered?"),
+    (r"launch", "When was {} launched?"),
+    (r"inception|" + _WHEN + r".*(found|establish|creat|start|form|originat|come into being)", "When was {} founded?"),
+    (_WHEN + r".*(releas|publish|came out)", "When was {} released?"),
+    (r"occur|take place|took place|happen|point in time|^(when|what year|which year|in what year|in which year"
+     r"|what was the date|the date)\b", "When did {} take place?"),
+    (r"species|living (being|creature)|organism|\bgene\b", "In which species is {} found?"),
+    (r"discover", "Who discovered {}?"),
+    (r"universe", "Which fictional universe is {} from?"),
+    (r"industry", "Which industry is {} in?"),
+    (r"conservation|endangered|iucn|status", "What is the conservation status of {}?"),
+    (r"river|body of water|\bflows?\b|mouth", "Into which body of water does {} flow?"),
+    (r"\brange\b|mountain", "Which mountain range is {} part of?"),
+    (r"airport", "Which airport is {} associated with?"),
+    (r"planet|celestial|astronomical|\bmoon\b", "On which planet is {}?"),
+    (r"fiction|appear(s|ed)? in|appearance", "Which work does {} appear in?"),
+    (r"licen[cs]e", "What is the license of {}?"),
+    (r"material|made (of|from)", "What is {} made of?"),
+    (r"based (on|upon)|basis", "What is {} based on?"),
+    (r"\bcross", "What does {} cross?"),
+    (r"illustrat", "Who illustrated {}?"),
+    (r"perform|\bsang\b|\bsinger\b|released the album", "Who performed {}?"),
+    (r"\bseries\b", "Which series is {} part of?"),
+    (r"publish", "Who published {}?"),
+    (r"nominat", "What was {} nominated for?"),
+    (r"award|prize|\bwon\b|\bwin\b", "What award did {} win?"),
+    (r"university|college|school|educated|attend|alma mater|\bstud(y|ied)", "Where did {} study?"),
+    (r"architect|design", "Who designed {}?"),
+    (r"direct", "Who directed {}?"),
+    (r"\bcast\b|\bstars?\b|\bstarr|actor|actress", "Who is in the cast of {}?"),
+    (r"compos", "Who composed {}?"),
+    (r"author|\bwrote\b|written by|writer", "Who wrote {}?"),
+    (r"develop|manufactur|produc|company|\bmade\b|\bmakes?\b|creat|\bbuil", "Which company makes {}?"),
+    (r"named", "What is {} named after?"),
+    (r"\bteam\b|\bclub\b", "Which team does {} play for?"),
+    (r"league", "Which league does {} play in?"),
+    (r"position.*play|play.*position", "What position does {} play?"),
+    (r"position|\boffice\b|\btitle\b", "What position does {} hold?"),
+    (r"\bsport", "What sport does {} play?"),
+    (r"\bparty\b", "Which political party does {} belong to?"),
+    (r"language", "What is the language of {}?"),
+    (r"occupation|profession|\bjob\b|career", "What is the occupation of {}?"),
+    (r"citizen|nationality", "Which country is {} a citizen of?"),
+    (r"network|channel|\baired\b|broadcast", "On which network did {} first air?"),
+
+    (r"\bowns?\b|owner|owned", "Who owns {}?"),
+    (r"religio", "What religion does {} follow?"),
+    (r"capital", "What is the capital of {}?"),
+    (r"continent", "On which continent is {}?"),
+    (r"country", "In which country is {}?"),
+    (r"state|province|county|city|town|region|district|locat|where|place|territor|village", "Where is {} located?"),
+)
 QUESTIONS: dict[str, str] = {template: q for q, templates in _BY_QUESTION.items() for template in templates}
 GENERIC = "Complete the sentence: {}"
 
@@ -163,20 +299,36 @@ def template_of(prompt: str, subject: str) -> str | None:
     return prompt.replace(subject, "{}", 1) if subject and subject in prompt else None
 
 
+def asked_relation(prompt: str, subject: str) -> str | None:
+    """The table's question for the relation a question prompt asks (`_ASKED_BY`); None for a
+    prompt that is not a question or whose words match no relation."""
+    template = template_of(prompt, subject)
+    if not template or not template.endswith("?"):
+        return None
+    words = template.lower()
+    return next((q for pattern, q in _ASKED_BY if re.search(pattern, words)), None)
+
+
 def other_wordings(prompt: str, subject: str) -> list[str]:
     """The prompt's fact in the table's other wordings of its question, filled with the subject
-    ("The mother tongue of X is" -> "The native language of X is", "X, a native", ...); none for a
-    prompt whose template the table lacks."""
+    ("The mother tongue of X is" -> "The native language of X is", "X, a native", ...; a question
+    prompt also gets the table's question); none for a prompt the table does not know."""
     template = template_of(prompt, subject)
-    if template not in QUESTIONS:
+    if template in QUESTIONS:
+        return [t.format(subject) for t in _BY_QUESTION[QUESTIONS[template]] if t != template]
+    asked = asked_relation(prompt, subject)
+    if asked is None:
         return []
-    return [t.format(subject) for t in _BY_QUESTION[QUESTIONS[template]] if t != template]
+    return [t.format(subject) for t in (asked, *_BY_QUESTION[asked]) if t != template]
 
 
 def question(prompt: str, subject: str) -> str:
-    """The question a person would ask for the fact `prompt` starts to state."""
+    """The question a person would ask for the fact `prompt` starts to state (a question: itself)."""
+    prompt = " ".join(prompt.split())
+    if prompt.endswith("?"):
+        return prompt
     template = template_of(prompt, subject)
     for shape in (template, template and template.replace("the {}", "{}").replace("The {}", "{}")):
         if shape in QUESTIONS:  # "The location of the {} is": the table's "{}" stands for "the Eiffel Tower" too
             return QUESTIONS[shape].format(subject if shape == template else "the " + subject)
-    return GENERIC.format(" ".join(prompt.split()))
+    return GENERIC.format(prompt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdpo_lora.asking import asking_metrics, names, repeats, right
-from kdpo_lora.questions import _BY_QUESTION, GENERIC, QUESTIONS, question, template_of
+from kdpo_lora.questions import _ASKED_BY, _BY_QUESTION, GENERIC, QUESTIONS, asked_relation, question, template_of
 from kdpo_lora.requests import EditRequest, read_requests
 from tests.test_readme import ROOT
 
@@ -27,6 +27,26 @@ def test_every_template_of_the_samples_has_a_question(sample):
         "Danielle Darrieux's mother tongue is")  # a shape it does not know: asked to complete it
     assert question("The mother tongue of Danielle Darrieux is", "Danielle Darrieux") == \
         "What is the mother tongue of Danielle Darrieux?"
+
+
+
+@pytest.mark.parametrize("sample", ["zsre_portability.jsonl", "knowedit_zsre.jsonl"])
+def test_a_question_prompt_is_asked_as_it_is_and_its_relation_is_found_by_its_words(sample):
+    """zsRE's prompts are questions, worded a different way almost every time: each is asked as
+    written, and its relation is found from its words; its rephrase (another wording, never read by
+    the rules' lookup) mostly lands on the same relation."""
+    requests = read_requests(str(SAMPLES / sample))
+    assert all(question(r.prompt, r.subject) == " ".join(r.prompt.split()) for r in requests)
+    found = [asked_relation(r.prompt, r.subject) for r in requests]
+    assert sum(f is not None for f in found) >= 0.9 * len(requests)
+    pairs = [(f, asked_relation(p, r.subject)) for f, r in zip(found, requests) for p in r.rephrase_prompts]
+    both = [(a, b) for a, b in pairs if a and b]
+    assert sum(a == b for a, b in both) >= 0.8 * len(both)  # measured: 85 of 92, 37 of 42
+    assert {q for _, q in _ASKED_BY} <= set(_BY_QUESTION)
+    assert asked_relation("Who fathered Pat?", "Pat") == "Who is the father of {}?"
+    assert asked_relation("The year Pat died was what?", "Pat") == "When did {} die?"
+    assert asked_relation("What city did Pat live when he died?", "Pat") == "Where did {} die?"
+    assert asked_relation("The mother tongue of Pat is", "Pat") is None  # a statement: the table's templates
 
 
 def test_an_answer_counts_when_it_names_the_new_target_as_a_word_and_not_the_old_one():

@@ -542,3 +542,8 @@ def test_context_rounds_state_the_fact_in_the_tables_other_wordings():
     assert all(question(w, "Danielle Darrieux") == question(known.prompt, "Danielle Darrieux") for w in worded)
     assert all(p.endswith(" " + unknown.prompt) for p, _ in rows[3::2])
     assert [t for _, t in rows] == ["English", "Bob"] * 4
+
+    asked = EditRequest("Which family does Epaspidoceras belong to?", "Noctuidae", subject="Epaspidoceras")
+    rows = with_context([asked], 3, seed=0)
+    assert {p[p.rindex(". ") + 2:] for p, _ in rows[1:]} == {
+        "Epaspidoceras belongs to the family", "Epaspidoceras is a member of the family", "The family of Epaspidoceras is"}
