@@ -7,7 +7,8 @@ entropy is compared with the unedited model's; and whether any answer floods the
 target. Metrics per request (keys of the results JSON):
 
 - `chat_question`: the answer to the question names target_new and not target_true (case- and
-  space-insensitive, whole words), in the first `ANSWER_TOKENS` tokens; mean over both prompts;
+  space-insensitive, whole words, outside the subject's name: "Ferrari F40 is made by Honda" names
+  Honda, not Ferrari), in the first `ANSWER_TOKENS` tokens; mean over both prompts;
 - `chat_paraphrase`: the same for the paraphrases asked as questions;
 - `long_form`: the 64-token answer about the subject names target_new; `long_form_entropy` and
   `long_form_entropy_unedited`: its n-gram entropy (bits), and the unedited model's answer's;
@@ -49,8 +50,20 @@ def repeats(text: str, target: str, times: int = 3) -> bool:
     return len(found) >= times
 
 
+def without_subject(text: str, request: EditRequest) -> str:
+    """`text` with every mention of the request's subject (and aliases) taken out: an answer that
+    repeats "Ferrari F40" does not name Ferrari as its maker."""
+    text = " ".join(text.split())
+    given = [" ".join(n.split()) for n in (request.subject or "", *request.aliases)]
+    for name in sorted({*given, *(re.sub(r"^the ", "", n, flags=re.IGNORECASE) for n in given)}, key=len, reverse=True):
+        if name:
+            text = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    return text
+
+
 def right(text: str, request: EditRequest) -> bool:
-    """The answer gives the new fact, not the old one."""
+    """The answer gives the new fact, not the old one, outside the subject's own name."""
+    text = without_subject(text, request)
     return names(text, request.target_new) and not (request.target_true and names(text, request.target_true))
 
 
@@ -102,7 +115,7 @@ def asking_metrics(model, tokenizer, requests: Sequence[EditRequest], route: Rou
         row = {"chat_question": mean(right(text(a, ANSWER_TOKENS), r) for a in chats[:2])}
         if asked > 1:
             row["chat_paraphrase"] = mean(right(text(a, ANSWER_TOKENS), r) for a in chats[2:])
-        row["long_form"] = float(names(text(long, LONG_TOKENS), r.target_new))
+        row["long_form"] = float(names(without_subject(text(long, LONG_TOKENS), r), r.target_new))
         row["long_form_entropy"] = ngram_entropy(text(long, LONG_TOKENS))
         row["long_form_entropy_unedited"] = ngram_entropy(text(base, LONG_TOKENS))
         shown = [cont] + chats[:2] + [long]

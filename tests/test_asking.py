@@ -55,6 +55,11 @@ def test_an_answer_counts_when_it_names_the_new_target_as_a_word_and_not_the_old
     assert not right("The Eiffel Tower is in Paris.", edit)  # the old fact fails
     assert not right("Rome or Paris, I think.", edit)  # both: not the edit
     assert not right("It is in Romeo's town.", edit)  # not a word of it
+    maker = EditRequest("Ferrari F40 is made by", "Honda", subject="Ferrari F40", target_true="Ferrari")
+    assert right("The Ferrari  F40 is made by Honda.", maker)  # the old fact only inside the subject's name
+    assert not right("Ferrari F40 is made by Ferrari.", maker) and not right("It is a Ferrari F40.", maker)
+    named = EditRequest("The Toyota Camry is made by", "Toyota", subject="Toyota Camry", target_true="Honda")
+    assert not right("The Toyota Camry is a car.", named)  # the subject's name alone does not state the new fact
     assert names("Parisian cafés near Paris", "Paris") and not names("Parisian cafés", "Paris")
     assert names("the New  York times", "new york") and not names("Newyork", "New York")
     assert repeats("trumpet, and the trumpet, and the Trumpet", "trumpet") and not repeats("trumpet, trumpet", "trumpet")
