@@ -7,8 +7,9 @@ found in the token text the embedding sees) and 0 elsewhere - in training, evalu
 generation alike (a decoded token is masked on its own). In evaluation a prompt that names none of
 them (routed by a key, `subject_keys.py`) gets the LoRA at every token. `--hold-other-relations K`
 also holds, in training, K of the question table's relations of other families about the request's own subject
-at the unedited answers (the KL that holds the subject swaps): written into the subject, a fact
-would otherwise reach the subject's other relations. `--elsewhere S` sets the mask to S instead of 0
+at the unedited answers (the KL that holds the subject swaps; `hold_relations.py`, which since session
+35 also leaves out the wordings of the request's probes): written into the subject, a fact would
+otherwise reach the subject's other relations. `--elsewhere S` sets the mask to S instead of 0
 off the subject's tokens (a mixed adapter: mostly at the subject, a share everywhere, so prompts
 naming the subject otherwise and exports keep some of the edit). Everything else is `quality.py`, whose
 arguments this takes:
@@ -21,8 +22,6 @@ Not in the package: an exported PEFT or vLLM adapter has no such mask.
 
 from __future__ import annotations
 
-import random
-import re
 import runpy
 import sys
 from pathlib import Path
@@ -32,11 +31,10 @@ from peft.tuners.lora.layer import LoraLayer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import kdpo_lora.editor as editor  # noqa: E402
 import kdpo_lora.evaluate as evaluate  # noqa: E402
 import kdpo_lora.loading as loading  # noqa: E402
 import kdpo_lora.session as session  # noqa: E402
-from kdpo_lora.questions import _BY_QUESTION, QUESTIONS, template_of  # noqa: E402
+from benchmarks.hold_relations import hold_other_relations  # noqa: E402
 from kdpo_lora.requests import EditRequest, read_requests  # noqa: E402
 from kdpo_lora.routing import SubjectRouter, _fold, _inside_longer_name  # noqa: E402
 
@@ -122,33 +120,6 @@ def evaluating(mask: SubjectMask) -> None:
         setattr(evaluate, name, wrapped)
 
 
-FAMILIES = ("language|tongue|speak|write in", "located|continent|country is|headquartered|come from|capital|twin city",
-            " play", r"\bwork\b|occupation|employ", "born|birth|die|death", "makes|owns")  # questions whose answers move together
-
-
-def family(question: str | None) -> str | None:
-    return next((f for f in FAMILIES if question and re.search(f, question)), question)
-
-
-def hold_other_relations(count: int) -> None:
-    """The held prompts also state `count` other relations of each request's subject (one template of
-    each of `count` questions of the table outside the request's own family, chosen per request)."""
-    subject_swaps = editor.preservation_prompts
-
-    def with_other_relations(requests, swaps, seed):
-        prompts = subject_swaps(requests, swaps, seed)
-        for i, r in enumerate(requests):
-            if not r.subject or r.subject not in r.prompt:
-                continue
-            own = family(QUESTIONS.get(template_of(r.prompt, r.subject) or "") or r.prompt)
-            others = [templates[0] for q, templates in _BY_QUESTION.items() if family(q) != own]
-            rng = random.Random(seed * 1_000_003 + i + 1)
-            prompts += [t.format(r.subject) for t in rng.sample(others, count)]
-        return prompts
-
-    editor.preservation_prompts = with_other_relations
-
-
 def main() -> None:
     args = sys.argv[1:]
     options = {"--hold-other-relations": 0.0, "--elsewhere": 0.0}
@@ -163,7 +134,7 @@ def main() -> None:
     install(mask)
     evaluating(mask)
     if hold:
-        hold_other_relations(hold)
+        hold_other_relations(hold, data)
     sys.argv = [str(ROOT / "benchmarks" / "quality.py"), *args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
