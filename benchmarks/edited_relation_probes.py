@@ -23,14 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write  # noqa: E402
+from benchmarks.relation_wordings import _squash  # noqa: E402
 from kdpo_lora.adapters import only_adapters  # noqa: E402
 from kdpo_lora.evaluate import _score_pairs  # noqa: E402
 from kdpo_lora.requests import read_requests  # noqa: E402
 from kdpo_lora.session import KnowledgeEditor  # noqa: E402
-
-
-def _squash(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def main() -> None:
